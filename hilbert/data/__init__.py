@@ -1,0 +1,1 @@
+"""Data layer: the manifest contract, audio decoding and the synthetic demo corpus."""

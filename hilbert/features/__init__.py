@@ -1,0 +1,1 @@
+"""Frozen-encoder features: encoder registry, content-addressed cache, Ray Data extraction."""

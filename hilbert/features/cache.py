@@ -1,0 +1,250 @@
+"""A content-addressed, crash-safe store of frozen-encoder features.
+
+Layout under the cache root::
+
+    entries/audio/ab/<key>.safetensors   one document's audio features [segments, dim]
+    entries/text/cd/<key>.safetensors    one document's text features  [segments, dim]
+    sets/<set id>.json                   which entry holds each document of one manifest,
+                                         for one (audio encoder, text encoder) pair
+    fingerprints.json                    memo: audio file (path, size, mtime) -> sha256
+
+An entry's key is a hash of everything its values depend on (see :func:`audio_entry_key` and
+:func:`text_entry_key`), so an unchanged document is a cache hit whatever run, manifest or node
+asks for it, and changing one part of the key recomputes exactly the entries it touches.
+
+Every file is written to a temporary name in its final folder, flushed, then renamed into place
+(``os.replace`` is atomic on POSIX file systems): a killed extraction leaves either a whole entry
+or none, and the next run resumes from what is there. Stored as safetensors: no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save as safetensors_bytes
+
+Modality = Literal["audio", "text"]
+MODALITIES: tuple[Modality, ...] = ("audio", "text")
+
+# Bump when the meaning of stored features changes without any key input changing (for example
+# a fix in how segments are sliced): every old entry then misses instead of being reused.
+CACHE_FORMAT_VERSION = 1
+
+# How audio is prepared before any encoder sees it; part of every audio key.
+AUDIO_PREPROCESSING = {"downmix": "mean", "resampler": "torchaudio.functional.resample(sinc)",
+                       "slicing": "round(seconds * rate), clipped to the signal"}
+
+# Temporary files older than this are leftovers of a killed writer, not a writer in progress.
+STALE_TEMPORARY_SECONDS = 3600
+
+
+class CacheError(RuntimeError):
+    """A cache entry or feature set that is missing, corrupt or inconsistent."""
+
+
+class FeatureValueError(ValueError):
+    """Features that are not finite; the message names the document and the encoder."""
+
+
+def _digest(payload: Any) -> str:
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def audio_entry_key(audio_sha256: str, spans: Iterable[tuple[float, float]],
+                    encoder_fingerprint: Mapping[str, Any]) -> str:
+    """Key of one document's audio features.
+
+    Covers the audio content (sha256 of the file bytes, so a moved or renamed file still hits),
+    every segment's start and end, the encoder's identity and settings, the audio preprocessing
+    and the cache format version.
+    """
+    return _digest({"v": CACHE_FORMAT_VERSION, "modality": "audio", "audio": audio_sha256,
+                    "spans": [[float(s), float(e)] for s, e in spans],
+                    "encoder": dict(encoder_fingerprint), "preprocessing": AUDIO_PREPROCESSING})
+
+
+def text_entry_key(texts: Iterable[str], encoder_fingerprint: Mapping[str, Any]) -> str:
+    """Key of one document's text features: every segment's text and the encoder's identity."""
+    return _digest({"v": CACHE_FORMAT_VERSION, "modality": "text", "texts": list(texts),
+                    "encoder": dict(encoder_fingerprint)})
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file, or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class FeatureSet:
+    """Where the features of every document of one manifest live, for one encoder pair.
+
+    Written once extraction of the whole manifest has finished, so its presence means every
+    entry it names exists. Training and evaluation read features through it.
+    """
+
+    manifest: str
+    manifest_sha256: str
+    audio_encoder: str
+    text_encoder: str
+    audio_fingerprint: dict[str, Any]
+    text_fingerprint: dict[str, Any]
+    audio_dim: int
+    text_dim: int
+    documents: dict[str, dict[str, Any]] = field(default_factory=dict)  # doc_id -> audio, text, segments
+    created: float = field(default_factory=time.time)
+
+    @staticmethod
+    def set_id(manifest_sha256: str, audio_encoder: str, text_encoder: str) -> str:
+        return _digest({"manifest": manifest_sha256, "audio": audio_encoder, "text": text_encoder})[:32]
+
+    @property
+    def id(self) -> str:
+        return self.set_id(self.manifest_sha256, self.audio_encoder, self.text_encoder)
+
+
+class FeatureCache:
+    """The feature store rooted at ``root`` (created on first write)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # entries ------------------------------------------------------------------------------
+    def entry_path(self, modality: Modality, key: str) -> Path:
+        return self.root / "entries" / modality / key[:2] / f"{key}.safetensors"
+
+    def has(self, modality: Modality, key: str) -> bool:
+        """True when a complete, readable entry exists (header checked, values not read)."""
+        path = self.entry_path(modality, key)
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(str(path), framework="numpy") as entry:
+                return "features" in entry.keys()
+        except (SafetensorError, OSError, ValueError):
+            return False  # a corrupt file (say, a truncated copy) is recomputed, then replaced
+
+    def put(self, modality: Modality, key: str, features: np.ndarray, *, doc_id: str, encoder: str) -> Path:
+        """Store one document's features atomically after checking they are finite."""
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        if features.ndim != 2:
+            raise FeatureValueError(f"doc_id {doc_id!r}: {modality} encoder {encoder!r} returned shape "
+                                    f"{features.shape}, expected [segments, dim]")
+        bad_rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
+        if bad_rows.size:
+            raise FeatureValueError(
+                f"doc_id {doc_id!r}: {modality} encoder {encoder!r} produced NaN or infinite features "
+                f"for segments {bad_rows[:10].tolist()}{' ...' if bad_rows.size > 10 else ''}")
+        metadata = {"doc_id": doc_id, "encoder": encoder, "modality": modality, "key": key,
+                    "format_version": str(CACHE_FORMAT_VERSION)}
+        path = self.entry_path(modality, key)
+        atomic_write_bytes(path, safetensors_bytes({"features": features}, metadata=metadata))
+        return path
+
+    def get(self, modality: Modality, key: str) -> np.ndarray:
+        path = self.entry_path(modality, key)
+        try:
+            with safe_open(str(path), framework="numpy") as entry:
+                return entry.get_tensor("features")
+        except FileNotFoundError:
+            raise CacheError(f"cache entry missing: {path} (run `hilbert extract` again)") from None
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CacheError(f"cache entry unreadable: {path} ({error}); delete it and extract again") from error
+
+    # feature sets -------------------------------------------------------------------------
+    def feature_set_path(self, set_id: str) -> Path:
+        return self.root / "sets" / f"{set_id}.json"
+
+    def write_feature_set(self, feature_set: FeatureSet) -> Path:
+        path = self.feature_set_path(feature_set.id)
+        atomic_write_json(path, asdict(feature_set))
+        return path
+
+    def read_feature_set(self, manifest_sha256: str, audio_encoder: str, text_encoder: str) -> FeatureSet | None:
+        path = self.feature_set_path(FeatureSet.set_id(manifest_sha256, audio_encoder, text_encoder))
+        if not path.is_file():
+            return None
+        try:
+            return FeatureSet(**json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError) as error:
+            raise CacheError(f"feature set unreadable: {path} ({error}); run `hilbert extract` again") from error
+
+    def load_document(self, feature_set: FeatureSet, doc_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The (audio [S, Da], text [S, Dt]) features of one document of ``feature_set``."""
+        try:
+            entry = feature_set.documents[doc_id]
+        except KeyError:
+            raise CacheError(f"doc_id {doc_id!r} is not in feature set {feature_set.id}") from None
+        audio, text = self.get("audio", entry["audio"]), self.get("text", entry["text"])
+        if audio.shape[0] != text.shape[0]:
+            raise CacheError(f"doc_id {doc_id!r}: {audio.shape[0]} audio vs {text.shape[0]} text segment features")
+        return audio, text
+
+    # audio fingerprints -------------------------------------------------------------------
+    def audio_sha256(self, paths: Iterable[Path]) -> dict[Path, str]:
+        """sha256 of each audio file, memoised by (path, size, mtime) so re-runs skip hashing."""
+        memo_path = self.root / "fingerprints.json"
+        try:
+            memo = json.loads(memo_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            memo = {}
+        result, changed = {}, False
+        for path in paths:
+            stat = path.stat()
+            stamp = [stat.st_size, stat.st_mtime_ns]
+            remembered = memo.get(str(path.resolve()))
+            if remembered and remembered[:2] == stamp:
+                result[path] = remembered[2]
+                continue
+            result[path] = file_sha256(path)
+            memo[str(path.resolve())] = [*stamp, result[path]]
+            changed = True
+        if changed:
+            atomic_write_json(memo_path, memo)
+        return result
+
+    # housekeeping -------------------------------------------------------------------------
+    def remove_stale_temporaries(self, older_than_seconds: float = STALE_TEMPORARY_SECONDS) -> int:
+        """Delete temporary files left by killed writers; returns how many were removed."""
+        if not self.root.exists():
+            return 0
+        cutoff, removed = time.time() - older_than_seconds, 0
+        for temporary in self.root.rglob(".*.tmp"):
+            try:
+                if temporary.stat().st_mtime < cutoff:
+                    temporary.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass  # another process finished or removed it meanwhile
+        return removed

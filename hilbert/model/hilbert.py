@@ -1,0 +1,210 @@
+"""The HILBERT document model (arXiv 2604.16247): segment features in, document embeddings and
+per-task logits out.
+
+    audio [B,S,Da] -> LayerNorm, Linear ─┐                          ┌-> pool_a -> z_a ─┐
+                                         +-> + positions -> cross-  ┤                  ├-> [z_a; z_t; z_j] -> MoE -> logits
+    text  [B,S,Dt] -> LayerNorm, Linear ─┘     modal layers         ├-> pool_t -> z_t ─┤
+                                                                    └-> [a+m_a ; t+m_t] -> pool_j -> z_j
+
+Choices the paper leaves open, and why:
+
+* Positions: sine/cosine codes of the absolute segment index, the same code added to the audio
+  and the text of a segment. Interview documents run to hundreds of segments and their lengths
+  vary widely; fixed codes need no ``max_segments`` and never meet an untrained row, and because
+  an audio segment and its text share one code, cross-attention can find the aligned segment
+  from the code alone. A fraction-of-document position would blur "the first question" across
+  documents of different lengths, which is a signal we want to keep.
+* Joint ("cross-attentive") embedding: after cross-attention each stream already carries the
+  other modality. The two sequences are concatenated along the segment axis, each tagged with a
+  learned modality embedding, and one self-attentive pooling runs over all ``2S`` positions.
+  Its weights ``[B, heads, 2, S]`` then say how much of the joint embedding came from which
+  modality and which segment: a direct view of the information flow that the balance loss
+  equalises. (A per-segment gate would fix a 1:1 mixing per segment and hide that split.)
+* Unimodal ablations (``modality="audio"`` or ``"text"``): the missing embedding is ``None``;
+  the one stream runs through the same number of layers as self-attention, and ``z_j`` is the
+  joint pooling over that one tagged stream: a second pooled view, so the classifier input is
+  ``[z_x; z_j]`` and the model keeps its size. The cross-modal objectives need both streams, so
+  ``hilbert.losses.hilbert_loss`` leaves them out for these runs (task and load-balance terms only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from hilbert.model.attention import CrossModalEncoder, SegmentProjection, SelfAttentivePooling, sinusoidal_positions
+from hilbert.model.moe import LOAD_BALANCE, LinearClassifier, MixtureOfExpertsClassifier
+
+MODALITIES = {"both": ("audio", "text"), "audio": ("audio",), "text": ("text",)}
+HEADS = ("moe", "linear")
+
+
+@dataclass
+class HilbertModelConfig:
+    audio_dim: int  # width of the frozen speech encoder's segment features
+    text_dim: int  # width of the frozen text encoder's segment features
+    tasks: dict[str, int]  # label task -> number of classes
+    d_model: int = 256
+    d_embed: int = 256
+    n_heads: int = 4
+    n_cross_layers: int = 2
+    pooling_heads: int = 4
+    dropout: float = 0.1
+    n_experts: int = 4
+    expert_hidden: int = 256
+    head: str = "moe"  # "moe" | "linear"
+    modality: str = "both"  # "both" | "audio" | "text"
+    moe_balance: str = "switch"  # "switch" | "cv2": see hilbert.model.moe
+
+    def __post_init__(self):
+        for name in ("audio_dim", "text_dim", "d_model", "d_embed", "n_heads", "pooling_heads", "n_experts", "expert_hidden"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"HilbertModelConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.n_cross_layers, int) or self.n_cross_layers < 0:
+            raise ValueError(f"HilbertModelConfig.n_cross_layers must be an integer >= 0, got {self.n_cross_layers!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"HilbertModelConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"HilbertModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        self._check_choice("head", HEADS)
+        self._check_choice("modality", tuple(MODALITIES))
+        self._check_choice("moe_balance", tuple(LOAD_BALANCE))
+        self._check_tasks()
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return MODALITIES[self.modality]
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]):
+        if getattr(self, name) not in choices:
+            raise ValueError(f"HilbertModelConfig.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+
+    def _check_tasks(self):
+        if not self.tasks:
+            raise ValueError("HilbertModelConfig.tasks is empty: give at least one label task, e.g. {'diagnosis': 2}")
+        for task, n_classes in self.tasks.items():
+            if not isinstance(task, str) or not task or "." in task:
+                raise ValueError(f"HilbertModelConfig.tasks: task name {task!r} must be a non-empty string without '.'")
+            if not isinstance(n_classes, int) or n_classes < 2:
+                raise ValueError(f"HilbertModelConfig.tasks[{task!r}] must be an integer >= 2 classes, got {n_classes!r}")
+
+
+@dataclass
+class HilbertEmbeddings:
+    """Document embeddings and the pooling weights that made them.
+
+    ``*_pooling`` are ``[B, pooling_heads, S]``; ``joint_pooling`` is
+    ``[B, pooling_heads, n_modalities, S]`` with the modality axis in the order audio, text (or
+    just the one stream in a unimodal model). Weights are 0 on padded segments.
+    """
+
+    audio_embedding: Tensor | None  # [B, d_embed]
+    text_embedding: Tensor | None  # [B, d_embed]
+    joint_embedding: Tensor  # [B, d_embed]
+    audio_pooling: Tensor | None
+    text_pooling: Tensor | None
+    joint_pooling: Tensor
+
+
+@dataclass
+class HilbertOutput(HilbertEmbeddings):
+    logits: dict[str, Tensor] = field(default_factory=dict)  # task -> [B, n_classes]
+    gate_probs: Tensor | None = None  # [B, n_experts]; None with the linear head
+    load_balance_loss: Tensor | None = None  # scalar; 0 with the linear head
+
+
+class HilbertModel(nn.Module):
+    def __init__(self, config: HilbertModelConfig):
+        super().__init__()
+        self.config = config
+        modalities = config.modalities
+        input_dims = {"audio": config.audio_dim, "text": config.text_dim}
+        self.projections = nn.ModuleDict(
+            {m: SegmentProjection(input_dims[m], config.d_model, config.dropout) for m in modalities}
+        )
+        self.encoder = CrossModalEncoder(
+            modalities, config.d_model, config.n_heads, config.n_cross_layers, config.dropout
+        )
+        self.poolings = nn.ModuleDict({m: self._pooling() for m in modalities})
+        self.modality_embedding = nn.Parameter(torch.randn(len(modalities), config.d_model) * 0.02)
+        self.joint_pooling = self._pooling()
+        classifier_in = (len(modalities) + 1) * config.d_embed
+        if config.head == "moe":
+            self.classifier = MixtureOfExpertsClassifier(
+                classifier_in, config.tasks, config.n_experts, config.expert_hidden, config.dropout, config.moe_balance
+            )
+        else:
+            self.classifier = LinearClassifier(classifier_in, config.tasks)
+
+    def forward(self, audio: Tensor | None, text: Tensor | None, mask: Tensor) -> HilbertOutput:
+        """``audio`` ``[B, S, audio_dim]``, ``text`` ``[B, S, text_dim]`` (segment-aligned; the
+        stream a unimodal model does not use may be None), ``mask`` ``[B, S]`` bool, True on
+        real segments."""
+        embeddings = self.embed(audio, text, mask)
+        present = [e for e in (embeddings.audio_embedding, embeddings.text_embedding) if e is not None]
+        classified = self.classifier(torch.cat([*present, embeddings.joint_embedding], dim=-1))
+        return HilbertOutput(
+            **vars(embeddings),
+            logits=classified.logits,
+            gate_probs=classified.gate_probs,
+            load_balance_loss=classified.load_balance_loss,
+        )
+
+    def embed(self, audio: Tensor | None, text: Tensor | None, mask: Tensor) -> HilbertEmbeddings:
+        """Document embeddings without the classifier (for retrieval, probing and plots)."""
+        streams = self._project(audio, text, mask)
+        streams = self.encoder(streams, mask)
+        pooled = {m: pool(streams[m], mask) for m, pool in self.poolings.items()}
+        joint_embedding, joint_pooling = self._pool_joint(streams, mask)
+        return HilbertEmbeddings(
+            audio_embedding=pooled["audio"][0] if "audio" in pooled else None,
+            text_embedding=pooled["text"][0] if "text" in pooled else None,
+            joint_embedding=joint_embedding,
+            audio_pooling=pooled["audio"][1] if "audio" in pooled else None,
+            text_pooling=pooled["text"][1] if "text" in pooled else None,
+            joint_pooling=joint_pooling,
+        )
+
+    def _project(self, audio: Tensor | None, text: Tensor | None, mask: Tensor) -> dict[str, Tensor]:
+        inputs = {"audio": audio, "text": text}
+        self._check_inputs(inputs, mask)
+        positions = sinusoidal_positions(mask.shape[1], self.config.d_model, device=mask.device)
+        streams = {}
+        for modality, projection in self.projections.items():
+            # padded rows may hold anything (even NaN from a cache); zero them so they stay finite
+            features = inputs[modality].masked_fill(~mask[..., None], 0.0)
+            projected = projection(features)
+            streams[modality] = projected + positions.to(projected.dtype)
+        return streams
+
+    def _pool_joint(self, streams: dict[str, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
+        tagged = [streams[m] + self.modality_embedding[i].to(streams[m].dtype) for i, m in enumerate(self.poolings)]
+        n_modalities = len(tagged)
+        embedding, weights = self.joint_pooling(torch.cat(tagged, dim=1), mask.repeat(1, n_modalities))
+        batch, heads, _ = weights.shape
+        return embedding, weights.view(batch, heads, n_modalities, mask.shape[1])
+
+    def _pooling(self) -> SelfAttentivePooling:
+        c = self.config
+        return SelfAttentivePooling(c.d_model, c.pooling_heads, c.d_embed, c.dropout)
+
+    def _check_inputs(self, inputs: dict[str, Tensor | None], mask: Tensor):
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise ValueError(f"mask must be a bool tensor [batch, segments], got {mask.dtype} {tuple(mask.shape)}")
+        expected = {"audio": self.config.audio_dim, "text": self.config.text_dim}
+        for modality in self.projections:
+            features = inputs[modality]
+            if features is None:
+                raise ValueError(f"HilbertModel(modality={self.config.modality!r}) needs {modality} features, got None")
+            if features.shape != (*mask.shape, expected[modality]):
+                raise ValueError(
+                    f"{modality} features have shape {tuple(features.shape)}; expected "
+                    f"[batch, segments, {modality}_dim] = {(*mask.shape, expected[modality])} to match the mask"
+                )
+        empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"documents at batch positions {empty} have no segments (mask all False); drop them")

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny corpora written to tmp folders, and a 2-CPU local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pytest
+import soundfile
+
+# No test may reach a model hub or any address other than loopback.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # local Ray binds to 127.0.0.1
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+
+
+def write_tone(path: Path, seconds: float = 3.0, sample_rate: int = 16000, channels: int = 1,
+               frequency: float = 220.0, subtype: str | None = None) -> Path:
+    """A short harmonic tone file (any format soundfile writes, chosen by the suffix)."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    mono = 0.3 * np.sin(2 * np.pi * frequency * t) + 0.1 * np.sin(2 * np.pi * 2 * frequency * t)
+    data = np.stack([mono * (1.0 - 0.2 * c) for c in range(channels)], axis=1) if channels > 1 else mono
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(path), data.astype(np.float32), sample_rate, subtype=subtype)
+    return path
+
+
+def document(doc_id: str, audio: str, segments: Iterable[tuple[float, float, str]] | None = None,
+             labels: dict[str, Any] | None = None, group: str | None = None) -> dict[str, Any]:
+    segs = segments if segments is not None else [(0.0, 1.0, "hello there"), (1.2, 2.5, "general kenobi")]
+    record: dict[str, Any] = {"doc_id": doc_id, "audio": audio,
+                              "segments": [{"start": s, "end": e, "text": t} for s, e, t in segs],
+                              "labels": labels if labels is not None else {"topic": "a"}}
+    if group is not None:
+        record["group"] = group
+    return record
+
+
+def write_manifest(folder: Path, records: Iterable[dict[str, Any] | str | bytes], name: str = "manifest.jsonl") -> Path:
+    """Write records (dicts become JSON lines; str/bytes are written verbatim) to a manifest."""
+    lines = []
+    for record in records:
+        if isinstance(record, dict):
+            lines.append(json.dumps(record, ensure_ascii=False).encode("utf-8"))
+        elif isinstance(record, str):
+            lines.append(record.encode("utf-8"))
+        else:
+            lines.append(record)
+    path = folder / name
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    """Four valid documents with two tasks, one label null."""
+    for i in range(4):
+        write_tone(tmp_path / "audio" / f"d{i}.wav", frequency=150 + 60 * i)
+    records = [document(f"d{i}", f"audio/d{i}.wav",
+                        labels={"topic": "ab"[i % 2], "voice": None if i == 0 else "xy"[i // 2]},
+                        group=f"g{i // 2}") for i in range(4)]
+    return write_manifest(tmp_path, records)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A local Ray with 2 CPUs on 127.0.0.1, shared by the Ray tests of a session."""
+    import ray
+
+    from hilbert.ray_runtime import connect
+
+    connect(num_cpus=2)
+    yield ray
+    ray.shutdown()
