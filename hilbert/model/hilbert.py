@@ -1,10 +1,11 @@
 """The HILBERT document model (arXiv 2604.16247): segment features in, document embeddings and
 per-task logits out.
 
-    audio [B,S,Da] -> LayerNorm, Linear ─┐                          ┌-> pool_a -> z_a ─┐
-                                         +-> + positions -> cross-  ┤                  ├-> [z_a; z_t; z_j] -> MoE -> logits
-    text  [B,S,Dt] -> LayerNorm, Linear ─┘     modal layers         ├-> pool_t -> z_t ─┤
-                                                                    └-> [a+m_a ; t+m_t] -> pool_j -> z_j
+    audio [B,S,Da] -> LayerNorm, Linear -> + position --+-- cross-modal layers --+-> pool_a -> z_a
+    text  [B,S,Dt] -> LayerNorm, Linear -> + position --+   (audio <-> text)     +-> pool_t -> z_t
+                                                                                 +-> [audio + m_a ; text + m_t]
+                                                                                       -> pool_j -> z_j
+    [z_a; z_t; z_j] -> mixture of experts -> logits per task, gate probabilities, load balance
 
 Choices the paper leaves open, and why:
 
@@ -19,7 +20,8 @@ Choices the paper leaves open, and why:
   learned modality embedding, and one self-attentive pooling runs over all ``2S`` positions.
   Its weights ``[B, heads, 2, S]`` then say how much of the joint embedding came from which
   modality and which segment: a direct view of the information flow that the balance loss
-  equalises. (A per-segment gate would fix a 1:1 mixing per segment and hide that split.)
+  equalises. (A per-segment gated fusion would mix audio and text inside each segment before
+  pooling, so the weights could no longer say which modality carried the document.)
 * Unimodal ablations (``modality="audio"`` or ``"text"``): the missing embedding is ``None``;
   the one stream runs through the same number of layers as self-attention, and ``z_j`` is the
   joint pooling over that one tagged stream: a second pooled view, so the classifier input is
@@ -59,7 +61,10 @@ class HilbertModelConfig:
     moe_balance: str = "switch"  # "switch" | "cv2": see hilbert.model.moe
 
     def __post_init__(self):
-        for name in ("audio_dim", "text_dim", "d_model", "d_embed", "n_heads", "pooling_heads", "n_experts", "expert_hidden"):
+        positive = (
+            "audio_dim", "text_dim", "d_model", "d_embed", "n_heads", "pooling_heads", "n_experts", "expert_hidden"
+        )
+        for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"HilbertModelConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.n_cross_layers, int) or self.n_cross_layers < 0:
@@ -90,7 +95,9 @@ class HilbertModelConfig:
             if not isinstance(task, str) or not task or "." in task:
                 raise ValueError(f"HilbertModelConfig.tasks: task name {task!r} must be a non-empty string without '.'")
             if not isinstance(n_classes, int) or n_classes < 2:
-                raise ValueError(f"HilbertModelConfig.tasks[{task!r}] must be an integer >= 2 classes, got {n_classes!r}")
+                raise ValueError(
+                    f"HilbertModelConfig.tasks[{task!r}] must be an integer >= 2 classes, got {n_classes!r}"
+                )
 
 
 @dataclass

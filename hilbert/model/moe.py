@@ -26,8 +26,8 @@ def switch_load_balance(gate_probs: Tensor) -> Tensor:
 
     ``gate_probs`` ``[B, K]``. ``f_k`` is the fraction of documents whose largest gate is expert
     ``k`` (not differentiable), ``P_k`` the mean gate probability of expert ``k``; the gradient
-    flows through ``P_k`` and pushes probability away from over-used experts. 1 when balanced,
-    up to ``K`` when one expert takes everything.
+    flows through ``P_k`` and pushes probability away from over-used experts. 1 for a uniform
+    gate (a near-uniform one can dip just below), ``K`` when one expert takes everything.
     """
     n_experts = gate_probs.shape[-1]
     top_expert_fraction = F.one_hot(gate_probs.argmax(dim=-1), n_experts).float().mean(dim=0)
