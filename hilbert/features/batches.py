@@ -1,0 +1,127 @@
+"""Cached segment features -> padded tensors with masks and integer labels, for training.
+
+A document is a variable-length sequence of aligned (audio, text) segment features. Batches pad
+to the longest document of the batch and carry a boolean mask (True = real segment). Labels are
+class indices per task, -1 where the document is unlabelled for that task (never a class).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from hilbert.data.manifest import Document, Manifest
+from hilbert.features.cache import FeatureCache, FeatureSet
+
+UNLABELLED_INDEX = -1
+
+
+class UnknownLabelError(ValueError):
+    """A document carries a class the model was not trained on."""
+
+
+@dataclass(frozen=True)
+class LabelMaps:
+    """task -> ordered class names; the index of a class is its output unit."""
+
+    classes: Mapping[str, tuple[str, ...]]
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, tasks: Sequence[str] | None = None) -> "LabelMaps":
+        chosen = list(tasks) if tasks else manifest.tasks
+        return cls({task: tuple(manifest.classes(task)) for task in chosen})
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.classes)
+
+    def sizes(self) -> dict[str, int]:
+        return {task: len(names) for task, names in self.classes.items()}
+
+    def encode(self, document: Document) -> dict[str, int]:
+        """Class index per task for ``document`` (-1 where unlabelled); unknown classes raise."""
+        encoded = {}
+        for task, names in self.classes.items():
+            value = document.labels.get(task)
+            if value is None:
+                encoded[task] = UNLABELLED_INDEX
+            elif value in names:
+                encoded[task] = names.index(value)
+            else:
+                raise UnknownLabelError(f"doc_id {document.doc_id!r}, field 'labels.{task}': unknown class "
+                                        f"{value!r} (known: {', '.join(names)})")
+        return encoded
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {task: list(names) for task, names in self.classes.items()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Sequence[str]]) -> "LabelMaps":
+        return cls({task: tuple(names) for task, names in data.items()})
+
+
+class DocumentFeatures(Dataset):
+    """Documents of a feature set as (audio [S, Da], text [S, Dt], labels) items.
+
+    Features are read from the cache on first access and kept (they are small next to what the
+    encoders produced them from); ``max_segments`` keeps evenly spaced segments of longer
+    documents so attention stays affordable on recordings with thousands of utterances.
+    """
+
+    def __init__(self, cache: FeatureCache, feature_set: FeatureSet, doc_ids: Sequence[str],
+                 labels: Sequence[Mapping[str, int]], max_segments: int | None = None):
+        if len(doc_ids) != len(labels):
+            raise ValueError(f"{len(doc_ids)} documents but {len(labels)} label rows")
+        self.cache = cache
+        self.feature_set = feature_set
+        self.doc_ids = list(doc_ids)
+        self.labels = [dict(row) for row in labels]
+        self.max_segments = max_segments
+        self._loaded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def for_documents(cls, cache: FeatureCache, feature_set: FeatureSet, documents: Sequence[Document],
+                      label_maps: LabelMaps, max_segments: int | None = None) -> "DocumentFeatures":
+        """Encode each document's labels with ``label_maps`` (unknown classes raise)."""
+        return cls(cache, feature_set, [d.doc_id for d in documents], [label_maps.encode(d) for d in documents],
+                   max_segments)
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        if index not in self._loaded:
+            audio, text = self.cache.load_document(self.feature_set, self.doc_ids[index])
+            self._loaded[index] = _subsample(audio, text, self.max_segments)
+        audio, text = self._loaded[index]
+        return {"index": index, "audio": audio, "text": text, "labels": self.labels[index]}
+
+
+def _subsample(audio: np.ndarray, text: np.ndarray, max_segments: int | None) -> tuple[np.ndarray, np.ndarray]:
+    if max_segments is None or audio.shape[0] <= max_segments:
+        return audio, text
+    keep = np.linspace(0, audio.shape[0] - 1, max_segments).round().astype(int)
+    return audio[keep], text[keep]
+
+
+def collate_documents(items: Sequence[dict]) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+    """Pad a list of dataset items into one batch: audio [B, S, Da], text [B, S, Dt], mask [B, S]."""
+    longest = max(item["audio"].shape[0] for item in items)
+    batch = len(items)
+    audio_dim, text_dim = items[0]["audio"].shape[1], items[0]["text"].shape[1]
+    audio = torch.zeros(batch, longest, audio_dim)
+    text = torch.zeros(batch, longest, text_dim)
+    mask = torch.zeros(batch, longest, dtype=torch.bool)
+    for row, item in enumerate(items):
+        length = item["audio"].shape[0]
+        audio[row, :length] = torch.from_numpy(np.asarray(item["audio"], dtype=np.float32))
+        text[row, :length] = torch.from_numpy(np.asarray(item["text"], dtype=np.float32))
+        mask[row, :length] = True
+    labels = {task: torch.tensor([item["labels"][task] for item in items], dtype=torch.long)
+              for task in items[0]["labels"]}
+    return {"index": torch.tensor([item["index"] for item in items]), "audio": audio, "text": text,
+            "mask": mask, "labels": labels}

@@ -1,0 +1,145 @@
+"""The training configuration: one YAML file drives a single run, a sweep trial and a cluster job.
+
+Sections mirror the flow: ``data`` (corpus, encoders, cache), ``model`` (HILBERT's architecture;
+the input widths and tasks come from the feature set, not from YAML), ``loss`` (every weight the
+sweep searches), ``optimization``, ``cv`` (folds), ``scaling`` (Ray Train workers) and
+``variants`` (the ablations to run beside HILBERT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from hilbert.config import ConfigError, from_dict, load_yaml, to_dict
+from hilbert.losses import LossConfig
+from hilbert.model.hilbert import HilbertModelConfig
+
+# Fields of HilbertModelConfig that the data decides; YAML may not set them.
+DERIVED_MODEL_FIELDS = ("audio_dim", "text_dim", "tasks")
+
+# Each ablation is a small edit of the HILBERT config: (model overrides, loss overrides).
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "hilbert": ({}, {}),
+    "pairwise": ({}, {"alignment": "pairwise"}),
+    "no_cka": ({}, {"use_cka": False}),
+    "no_balance": ({}, {"use_balance": False}),
+    "linear_head": ({"head": "linear"}, {}),
+    "audio_only": ({"modality": "audio"}, {}),
+    "text_only": ({"modality": "text"}, {}),
+}
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""
+    cache_dir: str = "cache"
+    audio_encoder: str = "logmel"
+    text_encoder: str = "hashngram"
+    tasks: list[str] | None = None  # default: every task of the corpus
+    max_segments: int | None = 512  # longer documents keep evenly spaced segments
+
+    def __post_init__(self):
+        if self.max_segments is not None and self.max_segments < 1:
+            raise ConfigError(f"data.max_segments must be >= 1, got {self.max_segments}")
+
+
+@dataclass
+class CrossValidationConfig:
+    folds: int = 5
+    stratify: str | None = None  # task to stratify folds on (default: the first task)
+    seed: int = 0
+    split_file: str | None = None  # default: <cache_dir>/splits/<manifest>-k<folds>-<stratify>-s<seed>.json
+
+    def __post_init__(self):
+        if self.folds < 2:
+            raise ConfigError(f"cv.folds must be >= 2, got {self.folds}")
+
+
+@dataclass
+class OptimizationConfig:
+    epochs: int = 40
+    batch_size: int = 32  # global batch: divided evenly among the workers
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    patience: int = 8  # epochs without a better validation AUC before a fold stops
+    warmup_epochs: int = 1
+    mixed_precision: bool = True  # bf16 autocast, on GPU only
+    class_weighting: Literal["balanced", "none"] = "balanced"
+    objective_tasks: list[str] | None = None  # tasks whose mean AUC picks the best epoch (default: all)
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 2, "learning_rate": self.learning_rate > 0,
+                  "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0, "patience": self.patience >= 1,
+                  "warmup_epochs": self.warmup_epochs >= 0}
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"optimization.{name} is out of range: {getattr(self, name)!r}")
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    max_failures: int = 2  # worker-group restarts (from the last checkpoint) before the run fails
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ConfigError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
+            raise ConfigError("scaling.cpus_per_worker and scaling.gpus_per_worker must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=dict)  # HilbertModelConfig fields but the derived ones
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    cv: CrossValidationConfig = field(default_factory=CrossValidationConfig)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    variants: list[str] = field(default_factory=lambda: ["hilbert"])
+    baseline: bool = True  # also report logistic regression on mean-pooled features
+    output_dir: str = "runs"
+    name: str = "hilbert"
+
+    def __post_init__(self):
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"variants: unknown {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+        self.model_config(audio_dim=1, text_dim=1, tasks={"check": 2})  # validate the model section now
+
+    def model_config(self, audio_dim: int, text_dim: int, tasks: dict[str, int]) -> HilbertModelConfig:
+        for derived in DERIVED_MODEL_FIELDS:
+            if derived in self.model:
+                raise ConfigError(f"model.{derived}: set from the feature set and corpus, not in the config")
+        return from_dict(HilbertModelConfig, {**self.model, "audio_dim": audio_dim, "text_dim": text_dim,
+                                              "tasks": tasks}, "model")
+
+    def variant(self, name: str) -> "TrainConfig":
+        """This config with the ablation ``name`` applied."""
+        model_overrides, loss_overrides = VARIANTS[name]
+        return dataclasses.replace(self, model={**self.model, **model_overrides},
+                                   loss=dataclasses.replace(self.loss, **loss_overrides), variants=[name])
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a training YAML; a relative ``data.manifest``/``cache_dir`` is taken from the YAML's folder."""
+    config = load_yaml(TrainConfig, path)
+    if overrides:
+        config = from_dict(TrainConfig, _merge(to_dict(config), overrides))
+    return config
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            and key != "model" else value
+    return merged

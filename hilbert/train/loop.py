@@ -1,0 +1,392 @@
+"""The per-worker training function: k cross-validation folds trained in lockstep, under DDP.
+
+``train_folds(plan)`` is what every Ray Train worker runs; it also runs as a plain function in
+one process (tests, debugging). It learns how many workers it has and where to report from a
+:class:`WorkerContext`, never from Ray directly, so scale is configuration.
+
+Why lockstep: each epoch trains every still-active fold for one epoch, then reports the mean
+validation AUC over folds. One report per epoch is what Tune's schedulers (ASHA, median
+stopping) need to compare trials, and it keeps the k models' early stopping independent.
+Every epoch ends with a checkpoint holding all folds, so a run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from hilbert.config import from_dict, to_dict
+from hilbert.features.batches import DocumentFeatures, LabelMaps, collate_documents
+from hilbert.features.cache import FeatureCache, FeatureSet
+from hilbert.losses import HilbertObjective, info_nce, linear_cka
+from hilbert.metrics import classification_metrics, recall_at_k
+from hilbert.model.hilbert import HilbertModel
+from hilbert.train.checkpoint import CheckpointInfo, load_training_state, save_checkpoint
+from hilbert.train.config import TrainConfig
+
+STATE_FILE = "state.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the loop runs: one process, or a Ray Train worker
+
+
+@dataclass
+class WorkerContext:
+    """What the loop needs from its runtime: rank, world size, device, report, resume point."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    report: Callable[[dict[str, Any], Path | None], None] = lambda metrics, checkpoint: None
+    resume_from: Path | None = None
+
+    @classmethod
+    def from_ray(cls) -> "WorkerContext":
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        checkpoint = ray.train.get_checkpoint()
+        resume_from = Path(checkpoint.to_directory()) if checkpoint else None
+
+        def report(metrics: dict[str, Any], folder: Path | None) -> None:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None)
+
+        return cls(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
+                   report, resume_from)
+
+
+def ray_train_entry(plan: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` for Ray Train's TorchTrainer."""
+    train_folds(plan, WorkerContext.from_ray())
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: everything a worker needs, as plain JSON (built by hilbert.train.run on the driver)
+
+
+@dataclass
+class Plan:
+    config: TrainConfig
+    variant: str
+    cache_dir: str
+    feature_set: FeatureSet
+    label_maps: LabelMaps
+    labels: dict[str, dict[str, int]]  # doc_id -> task -> class index (-1: unlabelled)
+    fold_of: dict[str, int]
+    folds: list[int]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Plan":
+        return cls(from_dict(TrainConfig, data["config"], "config"), data["variant"], data["cache_dir"],
+                   FeatureSet(**data["feature_set"]), LabelMaps.from_json(data["label_maps"]), data["labels"],
+                   data["fold_of"], data["folds"])
+
+
+# ---------------------------------------------------------------------------------------------
+# One fold's model, optimiser and early stopping
+
+
+@dataclass
+class FoldRun:
+    fold: int
+    model: nn.Module  # DistributedDataParallel-wrapped under DDP
+    objective: HilbertObjective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_loader: DataLoader
+    validation: DocumentFeatures
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    epochs_since_best: int = 0
+    done: bool = False
+    best_state: dict[str, torch.Tensor] | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    last_train: dict[str, float] = field(default_factory=dict)
+    last_validation: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def core(self) -> HilbertModel:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    def early_stopping_state(self) -> dict[str, Any]:
+        return {"fold": self.fold, "best_score": self.best_score, "best_epoch": self.best_epoch,
+                "epochs_since_best": self.epochs_since_best, "done": self.done, "best_metrics": self.best_metrics}
+
+
+def train_folds(plan_json: dict[str, Any], context: WorkerContext | None = None) -> dict[int, dict[str, float]]:
+    """Train every fold of the plan to early stopping; returns fold -> best validation metrics."""
+    context = context or WorkerContext()
+    plan = Plan.from_json(plan_json)
+    optimization = plan.config.optimization
+    _seed_everything(optimization.seed)
+    cache = FeatureCache(plan.cache_dir)
+    runs = [_build_fold(plan, cache, fold, context) for fold in plan.folds]
+    start_epoch = _resume(runs, context.resume_from) if context.resume_from else 0
+    for epoch in range(start_epoch, optimization.epochs):
+        active = [run for run in runs if not run.done]
+        if not active:
+            break
+        for run in active:
+            run.train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+            run.last_train = _train_one_epoch(run, plan.config, context)
+            run.last_validation = evaluate(run.core, run.validation, plan.label_maps, context.device)
+            _update_early_stopping(run, epoch, plan.config, context)
+        checkpoint = _write_checkpoint(runs, plan, epoch, context) if context.rank == 0 else None
+        context.report(_epoch_metrics(runs, epoch), checkpoint)
+    return {run.fold: run.best_metrics for run in runs}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _build_fold(plan: Plan, cache: FeatureCache, fold: int, context: WorkerContext) -> FoldRun:
+    config = plan.config
+    train_ids = [d for d, f in plan.fold_of.items() if f != fold]
+    validation_ids = [d for d, f in plan.fold_of.items() if f == fold]
+    max_segments = config.data.max_segments
+    train_set = DocumentFeatures(cache, plan.feature_set, train_ids, [plan.labels[d] for d in train_ids], max_segments)
+    validation = DocumentFeatures(cache, plan.feature_set, validation_ids, [plan.labels[d] for d in validation_ids],
+                                  max_segments)
+    # At least 2 documents a rank and 4 in the global batch: unbiased CKA needs n >= 4.
+    per_worker = max(2, -(-4 // context.world_size), config.optimization.batch_size // context.world_size)
+    sampler = DistributedSampler(train_set, num_replicas=context.world_size, rank=context.rank, shuffle=True,
+                                 seed=config.optimization.seed + fold)
+    # Full batches only: batch-level CKA and InfoNCE are biased on a ragged last batch, and
+    # equal batch sizes on every rank are what all_gather needs.
+    drop_last = len(train_set) // context.world_size >= per_worker
+    loader = DataLoader(train_set, batch_size=per_worker, sampler=sampler, collate_fn=collate_documents,
+                        drop_last=drop_last)
+    torch.manual_seed(config.optimization.seed + fold)  # the same initial weights on every rank
+    model_config = config.model_config(plan.feature_set.audio_dim, plan.feature_set.text_dim, plan.label_maps.sizes())
+    model = HilbertModel(model_config).to(context.device)
+    class_weights = _class_weights(train_set, plan.label_maps, config.optimization.class_weighting, context.device)
+    objective = HilbertObjective(config.loss, class_weights).to(context.device)
+    if context.world_size > 1:
+        # Unimodal ablations leave the other stream's parameters unused in some steps.
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[context.device.index] if context.device.type == "cuda" else None,
+            find_unused_parameters=model_config.modality != "both")
+    parameters = list(model.parameters()) + list(objective.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.optimization.learning_rate,
+                                  weight_decay=config.optimization.weight_decay)
+    steps_per_epoch = max(1, len(loader))
+    warmup = config.optimization.warmup_epochs * steps_per_epoch
+    total = config.optimization.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, warmup, total))
+    return FoldRun(fold, model, objective, optimizer, scheduler, loader, validation)
+
+
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _class_weights(dataset: DocumentFeatures, label_maps: LabelMaps, mode: str, device: torch.device
+                   ) -> dict[str, torch.Tensor] | None:
+    """Inverse-frequency ("balanced") class weights from the training fold, per task."""
+    if mode == "none":
+        return None
+    weights = {}
+    for task, classes in label_maps.classes.items():
+        counts = np.bincount([lab[task] for lab in dataset.labels if lab[task] >= 0], minlength=len(classes))
+        present = counts > 0
+        weight = np.zeros(len(classes), dtype=np.float32)
+        weight[present] = counts[present].sum() / (present.sum() * counts[present])
+        weights[task] = torch.tensor(weight, device=device)
+    return weights
+
+
+def _train_one_epoch(run: FoldRun, config: TrainConfig, context: WorkerContext) -> dict[str, float]:
+    run.model.train()
+    autocast = config.optimization.mixed_precision and context.device.type == "cuda"
+    sums: dict[str, float] = {}
+    steps = 0
+    for batch in run.train_loader:
+        audio, text, mask = (batch[k].to(context.device, non_blocking=True) for k in ("audio", "text", "mask"))
+        labels = {task: value.to(context.device) for task, value in batch["labels"].items()}
+        with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=autocast):
+            output = run.model(audio, text, mask)
+        loss, components = run.objective(output, labels)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.optimization.grad_clip > 0:
+            nn.utils.clip_grad_norm_([p for group in run.optimizer.param_groups for p in group["params"]],
+                                     config.optimization.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        for name, value in components.items():
+            if not name.startswith("labelled/"):
+                sums[name] = sums.get(name, 0.0) + float(value)
+        steps += 1
+    return {name: total / max(1, steps) for name, total in sums.items()}
+
+
+@torch.no_grad()
+def predict_documents(model: HilbertModel, dataset: DocumentFeatures, device: torch.device, batch_size: int = 32
+                      ) -> dict[str, Any]:
+    """Run ``model`` over ``dataset``: probabilities per task, embeddings and gate probabilities."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_documents)
+    outputs: dict[str, list[np.ndarray]] = {}
+    for batch in loader:
+        output = model(batch["audio"].to(device), batch["text"].to(device), batch["mask"].to(device))
+        pieces = {f"probabilities/{task}": torch.softmax(logits.float(), dim=-1) for task, logits in output.logits.items()}
+        pieces.update({"audio": output.audio_embedding, "text": output.text_embedding, "joint": output.joint_embedding,
+                       "gates": output.gate_probs})
+        for name, value in pieces.items():
+            if value is not None:
+                outputs.setdefault(name, []).append(value.float().cpu().numpy())
+    return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+
+def evaluate(model: HilbertModel, dataset: DocumentFeatures, label_maps: LabelMaps, device: torch.device
+             ) -> dict[str, float]:
+    """Validation metrics: per-task AUC / balanced accuracy / F1, retrieval, CKA, balance, experts."""
+    predicted = predict_documents(model, dataset, device)
+    metrics: dict[str, float] = {}
+    for task in label_maps.tasks:
+        labels = np.array([lab[task] for lab in dataset.labels])
+        for name, value in classification_metrics(labels, predicted[f"probabilities/{task}"]).items():
+            metrics[f"{task}/{name}"] = value
+    metrics.update(embedding_diagnostics(predicted))
+    return metrics
+
+
+def embedding_diagnostics(predicted: dict[str, np.ndarray]) -> dict[str, float]:
+    """Retrieval recall@k modality->joint, CKA(modality, joint), balance gap, expert use."""
+    metrics: dict[str, float] = {}
+    joint = predicted["joint"]
+    contrastive: dict[str, float] = {}
+    for modality in ("audio", "text"):
+        if modality not in predicted:
+            continue
+        embedding = predicted[modality]
+        for k in (1, 5):
+            metrics[f"recall@{k}/{modality}_joint"] = recall_at_k(embedding, joint, k)
+        x, y = torch.from_numpy(embedding), torch.from_numpy(joint)
+        # The unbiased estimator (n >= 4) does not read small folds as aligned by chance.
+        metrics[f"cka/{modality}_joint"] = float(linear_cka(x, y, unbiased=len(x) >= 4))
+        contrastive[modality] = float(info_nce(nn.functional.normalize(x, dim=-1), nn.functional.normalize(y, dim=-1),
+                                               0.1))
+    if len(contrastive) == 2:
+        # InfoNCE bounds I(m; j) >= log N - L: the gap of the two losses is the gap of the bounds.
+        metrics["balance_gap"] = abs(contrastive["audio"] - contrastive["text"])
+    if "gates" in predicted:
+        usage = predicted["gates"].mean(axis=0)
+        metrics["experts/max_share"] = float(usage.max())
+        metrics["experts/entropy"] = float(-(usage * np.log(np.maximum(usage, 1e-12))).sum() / math.log(len(usage)))
+    return metrics
+
+
+def _objective_score(metrics: dict[str, float], config: TrainConfig, tasks: list[str]) -> float:
+    chosen = config.optimization.objective_tasks or tasks
+    values = [metrics.get(f"{task}/auc", math.nan) for task in chosen]
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _update_early_stopping(run: FoldRun, epoch: int, config: TrainConfig, context: WorkerContext) -> None:
+    score = _objective_score(run.last_validation, config, list(run.core.config.tasks))
+    if context.world_size > 1:
+        # Rank 0 decides: float noise between devices must never split the ranks' decisions.
+        shared = [score]
+        dist.broadcast_object_list(shared, src=0)
+        score = shared[0]
+    if not math.isnan(score) and score > run.best_score:
+        run.best_score, run.best_epoch, run.epochs_since_best = score, epoch, 0
+        run.best_state = {k: v.detach().cpu().clone() for k, v in run.core.state_dict().items()}
+        run.best_metrics = {"score": score, "epoch": float(epoch), **run.last_validation}
+    else:
+        run.epochs_since_best += 1
+        if run.epochs_since_best >= config.optimization.patience:
+            run.done = True
+
+
+def _epoch_metrics(runs: list[FoldRun], epoch: int) -> dict[str, Any]:
+    """One flat dict per epoch: means over folds of training losses and validation metrics."""
+    metrics: dict[str, Any] = {"epoch": epoch, "active_folds": sum(not r.done for r in runs)}
+    best = [r.best_score for r in runs if r.best_score > -math.inf]
+    metrics["objective"] = float(np.mean(best)) if best else math.nan  # mean over folds of best-so-far
+    for prefix, source in (("train", "last_train"), ("val", "last_validation")):
+        names = sorted({name for run in runs for name in getattr(run, source)})
+        for name in names:
+            values = [getattr(run, source)[name] for run in runs if name in getattr(run, source)]
+            values = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+            if values:
+                metrics[f"{prefix}/{name}"] = float(np.mean(values))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: all folds, every epoch (rank 0 writes; Ray Train persists it)
+
+
+def _write_checkpoint(runs: list[FoldRun], plan: Plan, epoch: int, context: WorkerContext) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="hilbert-ckpt-"))
+    for run in runs:
+        info = CheckpointInfo(model=run.core.config, label_maps=plan.label_maps,
+                              features=feature_description(plan.feature_set),
+                              training={**to_dict(plan.config), "variant": plan.variant, "fold": run.fold},
+                              epoch=epoch, metrics=run.best_metrics)
+        extra = {"scheduler": run.scheduler.state_dict(), "objective": _objective_state(run.objective)}
+        save_checkpoint(folder / f"fold_{run.fold}", run.core, info, run.optimizer, extra)
+        if run.best_state is not None:
+            best_model = copy.deepcopy(run.core)
+            best_model.load_state_dict(run.best_state)
+            best_info = copy.copy(info)
+            best_info.epoch = run.best_epoch
+            save_checkpoint(folder / f"fold_{run.fold}_best", best_model, best_info)
+    state = {"epoch": epoch, "variant": plan.variant, "folds": [run.early_stopping_state() for run in runs],
+             # Dropout draws continue where they stopped, so a resumed run equals an uninterrupted one.
+             "torch_rng": torch.get_rng_state().tolist()}
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+    return folder
+
+
+def feature_description(feature_set: FeatureSet) -> dict[str, Any]:
+    return {"audio_encoder": feature_set.audio_encoder, "text_encoder": feature_set.text_encoder,
+            "audio_dim": feature_set.audio_dim, "text_dim": feature_set.text_dim,
+            "audio_fingerprint": feature_set.audio_fingerprint, "text_fingerprint": feature_set.text_fingerprint}
+
+
+def _objective_state(objective: HilbertObjective) -> dict[str, list[float]]:
+    return {name: tensor.detach().cpu().flatten().tolist() for name, tensor in objective.state_dict().items()}
+
+
+def _resume(runs: list[FoldRun], folder: Path) -> int:
+    """Restore every fold from a checkpoint written by :func:`_write_checkpoint`; next epoch."""
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    saved = {entry["fold"]: entry for entry in state["folds"]}
+    for run in runs:
+        _, extra = load_training_state(folder / f"fold_{run.fold}", run.model, run.optimizer)
+        run.scheduler.load_state_dict(extra["scheduler"])
+        run.objective.load_state_dict({name: torch.tensor(values).reshape(tensor.shape) for (name, values), tensor
+                                       in zip(extra["objective"].items(), run.objective.state_dict().values())})
+        entry = saved[run.fold]
+        run.best_score, run.best_epoch = entry["best_score"], entry["best_epoch"]
+        run.epochs_since_best, run.done, run.best_metrics = entry["epochs_since_best"], entry["done"], entry["best_metrics"]
+        best = folder / f"fold_{run.fold}_best" / "model.safetensors"
+        run.best_state = load_file(str(best)) if best.is_file() else None
+    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    return int(state["epoch"]) + 1
