@@ -27,7 +27,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": not quiet}
         if local:
-            kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+            # The dashboard serves Ray's State API, which Train needs to free the workers of a
+            # trial that a Tune scheduler stopped early; loopback only.
+            kwargs.update(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
         else:
             kwargs.update(address=address)
         ray.init(**kwargs)

@@ -134,6 +134,7 @@ def extract_features(
     started = time.perf_counter()
     cache = FeatureCache(cache_dir)
     cache.remove_stale_temporaries()
+    # Read from config and weight files only: a fully cached re-run never loads a model.
     fingerprints = {"audio": encoder_fingerprint("audio", audio_encoder),
                     "text": encoder_fingerprint("text", text_encoder)}
     specs = {"audio": audio_encoder, "text": text_encoder}

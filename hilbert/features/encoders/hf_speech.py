@@ -1,0 +1,274 @@
+"""Speech encoders from Hugging Face: the wav2vec2 family and Whisper's encoder.
+
+Both share one recipe: cut each segment into chunks of at most ``chunk_seconds``, sort the chunks
+by length so batches hold similar lengths, run the frozen model, and average its output frames
+over the real samples only. A segment's vector is the frame-count weighted mean over its
+chunks, i.e. the mean over all of its valid frames, so it does not depend on what else was in
+the batch. They differ in how a batch is padded and how many output frames are valid:
+
+- wav2vec2, HuBERT, WavLM, data2vec-audio, ...: padded to the longest chunk in the batch, with
+  the valid frames from the model's own ``_get_feat_extract_output_lengths``. Checkpoints whose
+  conv front end uses group norm (``feat_extract_norm="group"``: wav2vec2-base, HuBERT-base,
+  WavLM-base) normalise over the whole padded input and were trained without an attention mask,
+  so padding would change their outputs; for those, a batch only holds chunks of equal length.
+- Whisper: every chunk is padded to the model's 30-second window (how it was trained, and
+  its encoder accepts nothing else), so only the frames that cover real samples are averaged.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from hilbert.features.encoders.base import AudioEncoder, as_mono_waveform
+from hilbert.features.encoders.hf_checkpoint import WHISPER_MODEL_TYPES, HFCheckpoint
+from hilbert.features.encoders.pooling import (
+    length_mask,
+    masked_sums,
+    resolve_layer,
+    select_layer,
+    wants_hidden_states,
+)
+from hilbert.features.encoders.precision import autocast_on
+from hilbert.features.encoders.spec import (
+    EncoderSpec,
+    EncoderSpecError,
+    Option,
+    layer_choice,
+    plain_text,
+    positive_integer,
+    positive_seconds,
+)
+
+DEFAULT_CHUNK_SECONDS = 20.0
+CODE_VERSION = 1  # bump when a change here can change a vector
+
+SPEECH_OPTIONS = {
+    "layer": Option(layer_choice, "last"),
+    "chunk_seconds": Option(positive_seconds, None),  # None: 20 s, or Whisper's whole window
+    "batch_size": Option(positive_integer, 8),
+    "revision": Option(plain_text, None),
+}
+
+
+@dataclass(frozen=True)
+class SpeechSettings:
+    """Everything that determines a speech encoder's vectors, known without loading weights."""
+
+    model_type: str
+    weights: dict
+    layer: int | str
+    chunk_seconds: float
+    sample_rate: int
+    dim: int
+
+    @classmethod
+    def read(cls, spec: EncoderSpec, options: dict, checkpoint: HFCheckpoint, config: Any,
+             feature_extractor: Any) -> "SpeechSettings":
+        whisper = config.model_type in WHISPER_MODEL_TYPES
+        layers = config.encoder_layers if whisper else config.num_hidden_layers
+        return cls(
+            model_type=config.model_type,
+            weights=checkpoint.identity(),
+            layer=resolve_layer(spec, options["layer"], layers + 1),
+            chunk_seconds=chunk_seconds_for(spec, options["chunk_seconds"], feature_extractor, whisper),
+            sample_rate=int(feature_extractor.sampling_rate),
+            dim=int(config.hidden_size),
+        )
+
+    def fingerprint(self) -> dict:
+        return {"encoder": "hf", "model_type": self.model_type, "weights": self.weights, "layer": self.layer,
+                "chunk_seconds": self.chunk_seconds, "sample_rate": self.sample_rate, "dim": self.dim,
+                "code_version": CODE_VERSION}
+
+
+def chunk_seconds_for(spec: EncoderSpec, chunk_seconds: float | None, feature_extractor: Any, whisper: bool) -> float:
+    if not whisper:
+        return DEFAULT_CHUNK_SECONDS if chunk_seconds is None else chunk_seconds
+    # Whisper pads every chunk to its window, so a chunk costs a full window whatever its length.
+    window = feature_extractor.n_samples / feature_extractor.sampling_rate
+    if chunk_seconds is None:
+        return window
+    if chunk_seconds > window:
+        raise EncoderSpecError(
+            f"encoder spec {str(spec)!r}: chunk_seconds={chunk_seconds:g} exceeds Whisper's {window:g}-second window; "
+            f"use at most {window:g}"
+        )
+    return chunk_seconds
+
+
+class ChunkedSpeechEncoder(AudioEncoder):
+    """Chunking, length-sorted batching and frame pooling; subclasses run one batch of chunks."""
+
+    def __init__(self, spec: EncoderSpec, settings: SpeechSettings, model: torch.nn.Module, feature_extractor: Any,
+                 batch_size: int, device: str):
+        self.spec = str(spec)
+        self.settings = settings
+        self.dim = settings.dim
+        self.sample_rate = settings.sample_rate
+        self.layer = settings.layer
+        self.chunk_seconds = settings.chunk_seconds
+        self.batch_size = batch_size
+        self.device = device
+        self.feature_extractor = feature_extractor
+        self.model = model.to(device).eval().requires_grad_(False)
+
+    @classmethod
+    def load(cls, spec: EncoderSpec, options: dict, checkpoint: HFCheckpoint, config: Any,
+             device: str) -> "ChunkedSpeechEncoder":
+        from transformers import AutoFeatureExtractor, AutoModel
+
+        feature_extractor = checkpoint.load(spec, AutoFeatureExtractor, "feature extractor")
+        settings = SpeechSettings.read(spec, options, checkpoint, config, feature_extractor)
+        model = checkpoint.load(spec, AutoModel, "weights", dtype=torch.float32)
+        return cls(spec, settings, cls.frozen_part(model), feature_extractor, options["batch_size"], device)
+
+    @staticmethod
+    def frozen_part(model: torch.nn.Module) -> torch.nn.Module:
+        """The part of the loaded model that computes the frames (all of it, unless overridden)."""
+        return model
+
+    @property
+    @abstractmethod
+    def shortest_input(self) -> int:
+        """Fewest samples that give at least one output frame; shorter chunks are zero-padded."""
+
+    @property
+    def pads_freely(self) -> bool:
+        """Whether chunks of different lengths may share a batch without changing their outputs."""
+        return True
+
+    @abstractmethod
+    def _frame_sums(self, chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a batch of chunks: ``[batch, dim]`` sums of valid output frames and ``[batch]`` counts."""
+
+    def fingerprint(self) -> dict:
+        return self.settings.fingerprint()
+
+    def encode(self, waveforms: Sequence[np.ndarray]) -> np.ndarray:
+        chunks, owners = self._chunks(waveforms)
+        sums = np.zeros((len(waveforms), self.dim), dtype=np.float64)
+        counts = np.zeros(len(waveforms), dtype=np.float64)
+        for batch in self._batches([len(chunk) for chunk in chunks]):
+            with torch.inference_mode(), autocast_on(self.device):
+                batch_sums, batch_counts = self._frame_sums([chunks[i] for i in batch])
+            np.add.at(sums, [owners[i] for i in batch], batch_sums.double().cpu().numpy())
+            np.add.at(counts, [owners[i] for i in batch], batch_counts.double().cpu().numpy())
+        assert (counts > 0).all(), "every segment yields at least one frame"
+        return (sums / counts[:, None]).astype(np.float32)
+
+    def _chunks(self, waveforms: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+        """Every segment's chunks, and the index of the segment each chunk came from."""
+        chunk_samples = max(1, int(round(self.chunk_seconds * self.sample_rate)))
+        chunks, owners = [], []
+        for index, waveform in enumerate(waveforms):
+            for chunk in split_into_chunks(as_mono_waveform(waveform, index), chunk_samples, self.shortest_input):
+                chunks.append(chunk)
+                owners.append(index)
+        return chunks, owners
+
+    def _batches(self, lengths: list[int]) -> Iterator[list[int]]:
+        """Chunk indices in batches of similar (or, when padding is not free, equal) length."""
+        batch: list[int] = []
+        for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+            full = len(batch) == self.batch_size
+            if batch and (full or (not self.pads_freely and lengths[index] != lengths[batch[0]])):
+                yield batch
+                batch = []
+            batch.append(index)
+        if batch:
+            yield batch
+
+
+def split_into_chunks(waveform: np.ndarray, chunk_samples: int, shortest: int) -> list[np.ndarray]:
+    """Consecutive pieces of ``chunk_samples`` (the last one shorter), each at least ``shortest``
+    long by zero-padding, and at least one piece even for an empty waveform."""
+    starts = range(0, max(len(waveform), 1), chunk_samples)
+    pieces = [waveform[start:start + chunk_samples] for start in starts]
+    return [np.pad(piece, (0, max(0, shortest - len(piece)))) for piece in pieces]
+
+
+class Wav2Vec2FamilyEncoder(ChunkedSpeechEncoder):
+    """wav2vec2, HuBERT, WavLM, data2vec-audio and relatives (``AutoModel`` + ``AutoFeatureExtractor``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._uses_attention_mask = getattr(self.model.config, "feat_extract_norm", "layer") == "layer"
+        self._shortest_input = smallest_input_with_output(self._output_lengths)
+
+    @property
+    def shortest_input(self) -> int:
+        return self._shortest_input
+
+    @property
+    def pads_freely(self) -> bool:
+        return self._uses_attention_mask
+
+    def _output_lengths(self, lengths: torch.Tensor | int) -> torch.Tensor:
+        compute = self.model._get_feat_extract_output_lengths
+        # hidden_states come from the transformer before any adapter, so its downsampling must not count.
+        if "add_adapter" in inspect.signature(compute).parameters:
+            return torch.as_tensor(compute(lengths, add_adapter=False))
+        return torch.as_tensor(compute(lengths))
+
+    def _frame_sums(self, chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        # The attention mask also makes the extractor normalise each chunk over its real samples only.
+        features = self.feature_extractor(chunks, sampling_rate=self.sample_rate, padding=True,
+                                          return_attention_mask=True, return_tensors="pt")
+        inputs = {"input_values": features["input_values"].to(self.device)}
+        if self._uses_attention_mask:
+            inputs["attention_mask"] = features["attention_mask"].to(self.device)
+        outputs = self.model(**inputs, output_hidden_states=wants_hidden_states(self.layer))
+        frames = select_layer(outputs, self.layer)
+        valid = self._output_lengths(torch.tensor([len(chunk) for chunk in chunks])).to(self.device)
+        return masked_sums(frames, length_mask(valid, frames.shape[1]))
+
+
+def smallest_input_with_output(output_lengths: Any) -> int:
+    """Binary search for the fewest input samples that give one output frame (400 for wav2vec2)."""
+    high = 1
+    while int(output_lengths(high)) < 1:
+        high *= 2
+    low = high // 2 + 1 if high > 1 else 1
+    while low < high:
+        middle = (low + high) // 2
+        if int(output_lengths(middle)) >= 1:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+class WhisperAudioEncoder(ChunkedSpeechEncoder):
+    """The encoder half of a Whisper checkpoint, with its ``WhisperFeatureExtractor``."""
+
+    @staticmethod
+    def frozen_part(model: torch.nn.Module) -> torch.nn.Module:
+        # Keep only the encoder: the decoder is about half the weights and never runs here.
+        return model.get_encoder()
+
+    @property
+    def shortest_input(self) -> int:
+        return int(self.feature_extractor.hop_length)
+
+    def _frame_sums(self, chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.feature_extractor(chunks, sampling_rate=self.sample_rate, return_attention_mask=True,
+                                          return_tensors="pt")
+        outputs = self.model(features["input_features"].to(self.device),
+                             output_hidden_states=wants_hidden_states(self.layer))
+        frames = select_layer(outputs, self.layer)
+        mel_frames = features["attention_mask"].sum(dim=1)
+        valid = self.model._get_feat_extract_output_lengths(mel_frames).to(self.device)
+        return masked_sums(frames, length_mask(valid, frames.shape[1]))
+
+
+def load_speech_encoder(spec: EncoderSpec, options: dict, checkpoint: HFCheckpoint, config: Any,
+                        device: str) -> ChunkedSpeechEncoder:
+    encoder_class = WhisperAudioEncoder if config.model_type in WHISPER_MODEL_TYPES else Wav2Vec2FamilyEncoder
+    return encoder_class.load(spec, options, checkpoint, config, device)
+
