@@ -129,14 +129,19 @@ def demo_data(
     """Write the synthetic demo corpus: speech-like audio, transcripts, imbalanced label tasks."""
     from hilbert.data.demo import DEMO_TASKS, write_demo_corpus
 
-    path = write_demo_corpus(out_dir, n_documents=documents, seed=seed, sample_rate=sample_rate,
-                             channels=channels, audio_format=audio_format)
+    try:
+        path = write_demo_corpus(out_dir, n_documents=documents, seed=seed, sample_rate=sample_rate,
+                                 channels=channels, audio_format=audio_format)
+    except ValueError as error:
+        errors.print(f"[red]{error}[/red]", highlight=False)
+        raise typer.Exit(2) from None
     console.print(f"wrote {documents} documents: {path}")
     table = Table(title="demo tasks", title_justify="left")
-    for column in ("task", "classes", "carried by"):
+    for column in ("task", "classes (share)", "carried by", "cue"):
         table.add_column(column)
     for task in DEMO_TASKS:
-        table.add_row(task.name, ", ".join(task.classes), task.modality)
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in zip(task.classes, task.proportions))
+        table.add_row(task.name, shares, task.modality, task.cue)
     console.print(table)
 
 
@@ -171,6 +176,169 @@ def demo(
     corpus = Manifest(report.manifest_path, report.documents)
     extraction = extract_features(corpus, "logmel", "hashngram", workdir / "cache")
     console.print(extraction.throughput_line())
+
+
+METHOD_NAMES = {"hilbert": "HILBERT", "pairwise": "pairwise a<->t (CLAP-style)", "no_cka": "HILBERT - CKA",
+                "no_balance": "HILBERT - balance", "linear_head": "HILBERT, linear head",
+                "audio_only": "audio only", "text_only": "text only", "baseline_logreg": "baseline: logreg"}
+DIAGNOSTICS = ("recall@1/audio_joint", "recall@1/text_joint", "cka/audio_joint", "cka/text_joint", "balance_gap",
+               "experts/entropy")
+
+
+def print_cross_validation(result) -> None:
+    """The per-task table: mean +- std over folds of macro AUC, then balanced accuracy and F1."""
+    for metric, title in (("auc", "macro one-vs-rest ROC AUC"), ("balanced_accuracy", "balanced accuracy"),
+                          ("macro_f1", "macro F1")):
+        table = Table(title=f"{title}, mean ± std over {result.folds} folds", title_justify="left")
+        table.add_column("method")
+        for task in result.tasks:
+            table.add_column(task, justify="right")
+        if metric == "auc":
+            table.add_column("mean", justify="right")
+        for method in result.methods:
+            cells = []
+            for task in result.tasks:
+                mean, std = result.summary(method, f"{task}/{metric}")
+                cells.append(f"{mean:.3f} ± {std:.3f}")
+            if metric == "auc":
+                cells.append(f"{result.mean_auc(method):.3f}")
+            table.add_row(METHOD_NAMES.get(method, method), *cells)
+        console.print(table)
+    table = Table(title="embedding diagnostics on validation folds (mean)", title_justify="left")
+    table.add_column("method")
+    for name in DIAGNOSTICS:
+        table.add_column(name, justify="right")
+    for method in result.methods:
+        if method == "baseline_logreg":
+            continue
+        cells = [result.summary(method, name)[0] for name in DIAGNOSTICS]
+        table.add_row(METHOD_NAMES.get(method, method), *("-" if c != c else f"{c:.3f}" for c in cells))
+    console.print(table)
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Training YAML (see tune/train-demo.yaml)."),
+    manifest: Optional[Path] = typer.Option(None, help="Override data.manifest."),
+    cache: Optional[Path] = typer.Option(None, help="Override data.cache_dir."),
+    workers: Optional[int] = typer.Option(None, help="Override scaling.num_workers (DDP workers per run)."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Override scaling.use_gpu (NCCL on GPU, gloo on CPU)."),
+    epochs: Optional[int] = typer.Option(None, help="Override optimization.epochs."),
+    folds: Optional[int] = typer.Option(None, help="Override cv.folds."),
+    variants: Optional[str] = typer.Option(None, help="Comma-separated variants: hilbert, pairwise, no_cka, "
+                                                      "no_balance, linear_head, audio_only, text_only, or `all`."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray."),
+    output: Optional[Path] = typer.Option(None, help="Run folder (default: <output_dir>/<name>-<time>)."),
+) -> None:
+    """k-fold cross-validated training with Ray Train (DDP), every variant and the baseline, in one table.
+
+    Writes the config, the split, results.json and each variant's best fold models (safetensors +
+    JSON) to the run folder.
+    """
+    from hilbert.config import ConfigError
+    from hilbert.train.config import VARIANTS, load_train_config
+    from hilbert.train.run import TrainingError, run_cross_validation
+
+    overrides: dict = {}
+    for section, key, value in (("data", "manifest", manifest), ("data", "cache_dir", cache),
+                                ("scaling", "num_workers", workers), ("scaling", "use_gpu", gpu),
+                                ("optimization", "epochs", epochs), ("cv", "folds", folds)):
+        if value is not None:
+            overrides.setdefault(section, {})[key] = str(value) if isinstance(value, Path) else value
+    if variants:
+        overrides["variants"] = list(VARIANTS) if variants == "all" else [v.strip() for v in variants.split(",")]
+    try:
+        train_config = load_train_config(config, overrides)
+    except ConfigError as error:
+        errors.print(f"[red]{error}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+    _exit_on_bad_manifest(Path(train_config.data.manifest))
+    try:
+        result = run_cross_validation(train_config, address=address, run_dir=output, log=console.print)
+    except (TrainingError, ValueError) as error:
+        errors.print(f"[red]{error}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    print_cross_validation(result)
+
+
+MODEL_HELP = "A checkpoint folder, or a folder of fold checkpoints (a variant folder of a `hilbert train` run)."
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help=MODEL_HELP),
+    manifest: Path = typer.Argument(..., help="Labelled manifest to evaluate on (features extracted through the cache)."),
+    cache: Path = typer.Option(Path("cache"), help="Feature cache folder."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
+    output: Optional[Path] = typer.Option(None, help="Also write the metrics as JSON here."),
+) -> None:
+    """Per-task AUC, balanced accuracy and macro F1 of a trained model on a labelled corpus."""
+    from hilbert.features.batches import UnknownLabelError
+    from hilbert.features.cache import atomic_write_json
+    from hilbert.predict import ModelLocationError, evaluate_corpus, load_predictor
+
+    corpus = _exit_on_bad_manifest(manifest)
+    try:
+        predictor = load_predictor(model)
+        metrics = evaluate_corpus(predictor, corpus, cache, address=address)
+    except (ModelLocationError, UnknownLabelError, FileNotFoundError) as error:
+        errors.print(f"[red]{error}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+    table = Table(title=f"{model} on {manifest} ({len(predictor.models)} model(s))", title_justify="left")
+    for column in ("task", "labelled", "AUC", "balanced accuracy", "macro F1"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for task in predictor.label_maps.tasks:
+        table.add_row(task, f"{metrics[f'{task}/labelled']:.0f}", *(f"{metrics[f'{task}/{m}']:.3f}" for m in
+                                                                   ("auc", "balanced_accuracy", "macro_f1")))
+    console.print(table)
+    if output:
+        atomic_write_json(output, metrics)
+        console.print(f"metrics written to {output}")
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help=MODEL_HELP),
+    manifest: Path = typer.Argument(..., help="Manifest of the documents to predict (labels not needed)."),
+    out: Path = typer.Argument(..., help="Parquet file: doc_id, predicted class and class probabilities per task."),
+    cache: Path = typer.Option(Path("cache"), help="Feature cache folder."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
+) -> None:
+    """Predict every task for new documents (fold models are averaged)."""
+    from hilbert.predict import (ModelLocationError, load_predictor, predict_probabilities, predictions_table,
+                                 write_parquet_atomically)
+
+    corpus = _exit_on_bad_manifest(manifest)
+    try:
+        predictor = load_predictor(model)
+        _, probabilities = predict_probabilities(predictor, corpus, cache, address=address)
+    except (ModelLocationError, FileNotFoundError) as error:
+        errors.print(f"[red]{error}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+    write_parquet_atomically(predictions_table(corpus, predictor.label_maps, probabilities), out)
+    console.print(f"predictions for {len(corpus)} documents written to {out}")
+
+
+@app.command()
+def embed(
+    model: Path = typer.Argument(..., help=MODEL_HELP),
+    manifest: Path = typer.Argument(..., help="Manifest of the documents to embed (labels not needed)."),
+    out: Path = typer.Argument(..., help="Parquet file: audio, text and joint embeddings and segment pooling weights."),
+    cache: Path = typer.Option(Path("cache"), help="Feature cache folder."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
+) -> None:
+    """Document embeddings and which segments mattered (pooling weights), one row per document."""
+    from hilbert.predict import ModelLocationError, embeddings_table, load_predictor, write_parquet_atomically
+
+    corpus = _exit_on_bad_manifest(manifest)
+    try:
+        predictor = load_predictor(model)
+        table = embeddings_table(predictor, corpus, cache, address=address)
+    except (ModelLocationError, FileNotFoundError) as error:
+        errors.print(f"[red]{error}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+    write_parquet_atomically(table, out)
+    console.print(f"embeddings of {len(corpus)} documents written to {out}")
 
 
 def main() -> None:  # pragma: no cover - console script entry point

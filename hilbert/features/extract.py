@@ -26,7 +26,6 @@ from hilbert.features.cache import (
     MODALITIES,
     FeatureCache,
     FeatureSet,
-    Modality,
     audio_entry_key,
     file_sha256,
     text_entry_key,
@@ -62,18 +61,30 @@ def encode_document_text(encoder: TextEncoder, texts: list[str], doc_id: str) ->
 
 @dataclass(frozen=True)
 class _Job:
-    """One document's missing entry, as it travels through Ray Data (JSON: no pickled objects)."""
+    """One document's missing entries, as it travels through Ray Data (JSON: no pickled objects).
 
-    modality: Modality
+    An empty key means that modality is already cached for this document.
+    """
+
     doc_id: str
-    key: str
+    audio_key: str = ""
+    text_key: str = ""
     audio_path: str = ""
     spans: tuple[tuple[float, float], ...] = ()
     texts: tuple[str, ...] = ()
 
     @property
     def audio_seconds(self) -> float:
-        return sum(end - start for start, end in self.spans)
+        return sum(end - start for start, end in self.spans) if self.audio_key else 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, payload: str) -> "_Job":
+        data = json.loads(payload)
+        return cls(data["doc_id"], data["audio_key"], data["text_key"], data["audio_path"],
+                   tuple((float(s), float(e)) for s, e in data["spans"]), tuple(data["texts"]))
 
 
 @dataclass
@@ -143,21 +154,17 @@ def extract_features(
         documents=len(manifest), segments=sum(len(d.segments) for d in manifest),
         audio_seconds=sum(s.duration for d in manifest for s in d.segments))
     for modality in MODALITIES:
-        report.computed[modality] = len(jobs[modality])
-        report.reused[modality] = len(manifest) - len(jobs[modality])
+        report.computed[modality] = sum(1 for job in jobs if getattr(job, f"{modality}_key"))
+        report.reused[modality] = len(manifest) - report.computed[modality]
 
     dims: dict[str, int] = {}
-    if any(jobs.values()):
+    if jobs:
         encode_started = time.perf_counter()
-        for modality in MODALITIES:
-            if jobs[modality]:
-                _run_on_ray(jobs[modality], specs[modality], cache, address=address, num_actors=num_actors,
-                            cpus_per_actor=cpus_per_actor, use_gpu=use_gpu,
-                            documents_per_batch=documents_per_batch, progress=progress)
+        _run_on_ray(jobs, specs, cache, address=address, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
+                    use_gpu=use_gpu, documents_per_batch=documents_per_batch, progress=progress)
         report.encode_wall_seconds = time.perf_counter() - encode_started
-        touched = {job.doc_id for modality in MODALITIES for job in jobs[modality]}
-        report.computed_segments = sum(len(d.segments) for d in manifest if d.doc_id in touched)
-        report.computed_audio_seconds = sum(j.audio_seconds for j in jobs["audio"])
+        report.computed_segments = sum(len(job.spans) for job in jobs)
+        report.computed_audio_seconds = sum(job.audio_seconds for job in jobs)
 
     for modality in MODALITIES:
         missing = [doc_id for doc_id, k in keys[modality].items() if not cache.has(modality, k)]
@@ -181,69 +188,74 @@ def extract_features(
 
 
 def _plan(manifest: Manifest, cache: FeatureCache, fingerprints: dict[str, dict[str, Any]]
-          ) -> tuple[dict[str, dict[str, str]], dict[str, list[_Job]]]:
-    """Every document's entry keys, and the jobs for the entries the cache lacks."""
+          ) -> tuple[dict[str, dict[str, str]], list[_Job]]:
+    """Every document's entry keys, and one job per document that misses any entry."""
     audio_hashes = cache.audio_sha256(sorted({d.audio_path for d in manifest}))
     keys: dict[str, dict[str, str]] = {m: {} for m in MODALITIES}
-    jobs: dict[str, list[_Job]] = {m: [] for m in MODALITIES}
+    jobs: list[_Job] = []
     for doc in manifest:
         spans = tuple((s.start, s.end) for s in doc.segments)
         texts = tuple(s.text for s in doc.segments)
         keys["audio"][doc.doc_id] = audio_key = audio_entry_key(audio_hashes[doc.audio_path], spans,
                                                                 fingerprints["audio"])
         keys["text"][doc.doc_id] = text_key = text_entry_key(texts, fingerprints["text"])
-        if not cache.has("audio", audio_key):
-            jobs["audio"].append(_Job("audio", doc.doc_id, audio_key, str(doc.audio_path), spans))
-        if not cache.has("text", text_key):
-            jobs["text"].append(_Job("text", doc.doc_id, text_key, texts=texts))
+        missing_audio = "" if cache.has("audio", audio_key) else audio_key
+        missing_text = "" if cache.has("text", text_key) else text_key
+        if missing_audio or missing_text:
+            jobs.append(_Job(doc.doc_id, missing_audio, missing_text, str(doc.audio_path), spans, texts))
     # Longest documents first: the pool's tail then holds short documents, not one long straggler.
-    jobs["audio"].sort(key=lambda job: -job.audio_seconds)
-    jobs["text"].sort(key=lambda job: -sum(len(t) for t in job.texts))
+    jobs.sort(key=lambda job: -(job.audio_seconds + 1e-3 * sum(len(t) for t in job.texts)))
     return keys, jobs
 
 
 class EncodeAndStore:
-    """A Ray Data actor: loads one encoder once, then encodes and stores documents batch by batch."""
+    """A Ray Data actor: loads each encoder once, then encodes and stores documents batch by batch.
 
-    def __init__(self, modality: Modality, spec: str, cache_root: str, device: str | None, threads: int):
+    One actor holds both encoders, so one pool start-up (process, imports, model loads) serves
+    both modalities; an encoder is only built if some document still needs it.
+    """
+
+    def __init__(self, specs: dict[str, str], cache_root: str, device: str, threads: int):
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.modality = modality
-        builder = build_audio_encoder if modality == "audio" else build_text_encoder
-        self.encoder = builder(spec, device=device)
+        self.specs = specs
+        self.device = device
         self.cache = FeatureCache(cache_root)
+        self._audio: AudioEncoder | None = None
+        self._text: TextEncoder | None = None
+
+    def audio_encoder(self) -> AudioEncoder:
+        if self._audio is None:
+            self._audio = build_audio_encoder(self.specs["audio"], device=self.device)
+        return self._audio
+
+    def text_encoder(self) -> TextEncoder:
+        if self._text is None:
+            self._text = build_text_encoder(self.specs["text"], device=self.device)
+        return self._text
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        doc_ids, segments, seconds = [], [], []
+        doc_ids, segments = [], []
         for payload in batch["job"]:
-            job = _Job(**{k: _untuple(k, v) for k, v in json.loads(payload).items()})
-            if self.cache.has(self.modality, job.key):  # another actor or run finished it meanwhile
-                features = None
-            elif self.modality == "audio":
-                features = encode_document_audio(self.encoder, job.audio_path, list(job.spans), job.doc_id)
-            else:
-                features = encode_document_text(self.encoder, list(job.texts), job.doc_id)
-            if features is not None:
-                self.cache.put(self.modality, job.key, features, doc_id=job.doc_id, encoder=self.encoder.spec)
+            job = _Job.from_json(payload)
+            # has(): another actor, or a concurrent run on a shared cache, may have finished it.
+            if job.audio_key and not self.cache.has("audio", job.audio_key):
+                encoder = self.audio_encoder()
+                features = encode_document_audio(encoder, job.audio_path, list(job.spans), job.doc_id)
+                self.cache.put("audio", job.audio_key, features, doc_id=job.doc_id, encoder=encoder.spec)
+            if job.text_key and not self.cache.has("text", job.text_key):
+                encoder = self.text_encoder()
+                features = encode_document_text(encoder, list(job.texts), job.doc_id)
+                self.cache.put("text", job.text_key, features, doc_id=job.doc_id, encoder=encoder.spec)
             doc_ids.append(job.doc_id)
-            segments.append(len(job.spans) or len(job.texts))
-            seconds.append(job.audio_seconds)
-        return {"doc_id": np.array(doc_ids), "segments": np.array(segments), "audio_seconds": np.array(seconds)}
+            segments.append(len(job.spans))
+        return {"doc_id": np.array(doc_ids), "segments": np.array(segments)}
 
 
-def _untuple(name: str, value: Any) -> Any:
-    if name == "spans":
-        return tuple(tuple(span) for span in value)
-    if name == "texts":
-        return tuple(value)
-    return value
-
-
-def _run_on_ray(jobs: list[_Job], spec: str, cache: FeatureCache, *, address: str | None,
+def _run_on_ray(jobs: list[_Job], specs: dict[str, str], cache: FeatureCache, *, address: str | None,
                 num_actors: int | None, cpus_per_actor: float, use_gpu: bool | None,
                 documents_per_batch: int, progress: bool) -> None:
-    import ray
     import ray.data
 
     from hilbert.ray_runtime import connect
@@ -254,18 +266,17 @@ def _run_on_ray(jobs: list[_Job], spec: str, cache: FeatureCache, *, address: st
     if use_gpu and gpus == 0:
         raise ExtractionError("use_gpu was requested but the Ray cluster has no GPU")
     if num_actors is None:
-        num_actors = int(gpus) if use_gpu else max(1, int(resources.get("CPU", 1) // cpus_per_actor))
+        num_actors = int(gpus) if use_gpu else max(1, int(resources.get("CPU", 1) // max(cpus_per_actor, 1e-3)))
     num_actors = max(1, min(num_actors, len(jobs)))
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     context.print_on_execution_start = False
-    rows = [{"job": json.dumps(job.__dict__)} for job in jobs]
+    rows = [{"job": job.to_json()} for job in jobs]
     dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), num_actors * 4))
     encoded = dataset.map_batches(
         EncodeAndStore,
-        fn_constructor_kwargs={"modality": jobs[0].modality, "spec": spec, "cache_root": str(cache.root),
-                               "device": "cuda" if use_gpu else "cpu",
+        fn_constructor_kwargs={"specs": specs, "cache_root": str(cache.root), "device": "cuda" if use_gpu else "cpu",
                                "threads": max(1, int(cpus_per_actor))},
         batch_size=documents_per_batch,
         compute=ray.data.ActorPoolStrategy(size=num_actors),
@@ -277,4 +288,4 @@ def _run_on_ray(jobs: list[_Job], spec: str, cache: FeatureCache, *, address: st
             pass
     except Exception as error:  # Ray wraps the actor's exception; keep its message, which names the doc
         cause = error.__cause__ or error
-        raise ExtractionError(f"{jobs[0].modality} extraction with {spec!r} failed: {cause}") from error
+        raise ExtractionError(f"extraction with {specs['audio']!r} / {specs['text']!r} failed: {cause}") from error

@@ -1,0 +1,167 @@
+"""Use a trained model on new documents: predict, evaluate and embed.
+
+A model location is a checkpoint folder (``model.safetensors`` + ``checkpoint.json``) or a folder
+of fold models (``fold_0/``, ``fold_1/``, ... as ``hilbert train`` writes per variant). Predictions
+of a fold folder average the folds' class probabilities (a k-fold ensemble); embeddings come from
+one model only, since each fold model has its own embedding space: the fold with the best
+validation score. Features of the new corpus are extracted through the cache with the encoders
+the model was trained on, and refused if those encoders' fingerprints changed since.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from hilbert.data.manifest import Manifest
+from hilbert.features.batches import UNLABELLED_INDEX, DocumentFeatures, LabelMaps
+from hilbert.features.cache import FeatureCache, FeatureSet
+from hilbert.features.extract import extract_features
+from hilbert.metrics import classification_metrics
+from hilbert.model.hilbert import HilbertModel
+from hilbert.train.checkpoint import CheckpointInfo, load_model
+from hilbert.train.loop import embedding_diagnostics, predict_documents
+
+
+class ModelLocationError(ValueError):
+    """A path that holds no loadable checkpoint, or features that do not fit the model."""
+
+
+@dataclass
+class Predictor:
+    models: list[tuple[HilbertModel, CheckpointInfo]]
+    source: Path
+
+    @property
+    def info(self) -> CheckpointInfo:
+        return self.models[0][1]
+
+    @property
+    def label_maps(self) -> LabelMaps:
+        return self.info.label_maps
+
+    def best_model(self) -> tuple[HilbertModel, CheckpointInfo]:
+        """The model with the best validation score (the only one for a single checkpoint)."""
+        return max(self.models, key=lambda pair: pair[1].metrics.get("score", -math.inf))
+
+
+def load_predictor(location: str | Path, device: str = "cpu") -> Predictor:
+    """Load a checkpoint folder or a folder of fold checkpoints, without unpickling anything."""
+    folder = Path(location)
+    if (folder / "checkpoint.json").is_file():
+        return Predictor([load_model(folder, device)], folder)
+    folds = sorted(p for p in folder.glob("fold_*") if (p / "checkpoint.json").is_file())
+    if not folds:
+        raise ModelLocationError(f"{folder} holds no hilbert checkpoint (checkpoint.json) nor fold_*/ checkpoints")
+    models = [load_model(p, device) for p in folds]
+    first = models[0][1]
+    for _, info in models[1:]:
+        if info.label_maps != first.label_maps or info.features.get("audio_encoder") != first.features.get("audio_encoder"):
+            raise ModelLocationError(f"{folder}: fold checkpoints disagree on tasks or encoders")
+    return Predictor(models, folder)
+
+
+def features_for(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, *, address: str | None = None
+                 ) -> FeatureSet:
+    """Extract (or reuse) the corpus's features with the model's encoders; check they match."""
+    described = predictor.info.features
+    report = extract_features(manifest, described["audio_encoder"], described["text_encoder"], cache_dir,
+                              address=address, progress=False)
+    feature_set = report.feature_set
+    assert feature_set is not None
+    for modality in ("audio", "text"):
+        trained = described.get(f"{modality}_fingerprint")
+        now = getattr(feature_set, f"{modality}_fingerprint")
+        if trained and trained != now:
+            raise ModelLocationError(
+                f"the {modality} encoder {described[f'{modality}_encoder']!r} is not the one the model was trained "
+                f"with (fingerprint changed: {json.dumps(trained)[:120]} -> {json.dumps(now)[:120]})")
+    return feature_set
+
+
+def _dataset(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, feature_set: FeatureSet,
+             with_labels: bool) -> DocumentFeatures:
+    max_segments = predictor.info.training.get("data", {}).get("max_segments")
+    if with_labels:
+        return DocumentFeatures.for_documents(FeatureCache(cache_dir), feature_set, manifest.documents,
+                                              predictor.label_maps, max_segments)
+    blank = [{task: UNLABELLED_INDEX for task in predictor.label_maps.tasks} for _ in manifest.documents]
+    return DocumentFeatures(FeatureCache(cache_dir), feature_set, [d.doc_id for d in manifest], blank, max_segments)
+
+
+def predict_probabilities(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, *,
+                          address: str | None = None, with_labels: bool = False
+                          ) -> tuple[DocumentFeatures, dict[str, np.ndarray]]:
+    """Class probabilities per task [documents, classes], averaged over the fold models."""
+    feature_set = features_for(predictor, manifest, cache_dir, address=address)
+    dataset = _dataset(predictor, manifest, cache_dir, feature_set, with_labels)
+    sums: dict[str, np.ndarray] = {}
+    for model, _ in predictor.models:
+        predicted = predict_documents(model, dataset, torch.device("cpu"))
+        for task in predictor.label_maps.tasks:
+            sums[task] = sums.get(task, 0) + predicted[f"probabilities/{task}"]
+    return dataset, {task: total / len(predictor.models) for task, total in sums.items()}
+
+
+def evaluate_corpus(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, *,
+                    address: str | None = None) -> dict[str, float]:
+    """Metrics of the model on a labelled corpus (unknown classes are refused, nulls ignored)."""
+    dataset, probabilities = predict_probabilities(predictor, manifest, cache_dir, address=address, with_labels=True)
+    metrics: dict[str, float] = {}
+    for task, task_probabilities in probabilities.items():
+        labels = np.array([row[task] for row in dataset.labels])
+        metrics[f"{task}/labelled"] = float((labels >= 0).sum())
+        for name, value in classification_metrics(labels, task_probabilities).items():
+            metrics[f"{task}/{name}"] = value
+    model, _ = predictor.best_model()
+    metrics.update(embedding_diagnostics(predict_documents(model, dataset, torch.device("cpu"))))
+    return metrics
+
+
+def predictions_table(manifest: Manifest, label_maps: LabelMaps, probabilities: dict[str, np.ndarray]) -> pa.Table:
+    """doc_id, then per task the predicted class and one probability column per class."""
+    columns: dict[str, Any] = {"doc_id": [d.doc_id for d in manifest]}
+    for task, classes in label_maps.classes.items():
+        columns[f"{task}"] = [classes[i] for i in probabilities[task].argmax(axis=1)]
+        for index, name in enumerate(classes):
+            columns[f"{task}/p/{name}"] = probabilities[task][:, index].astype(np.float32)
+    return pa.table(columns)
+
+
+def embeddings_table(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, *,
+                     address: str | None = None) -> pa.Table:
+    """Per document: audio, text and joint embeddings and the segment pooling weights."""
+    feature_set = features_for(predictor, manifest, cache_dir, address=address)
+    dataset = _dataset(predictor, manifest, cache_dir, feature_set, with_labels=False)
+    model, _ = predictor.best_model()
+    rows: dict[str, list] = {"doc_id": [], "segments": []}
+    with torch.no_grad():
+        for index in range(len(dataset)):
+            item = dataset[index]
+            audio = torch.from_numpy(item["audio"])[None]
+            text = torch.from_numpy(item["text"])[None]
+            output = model.embed(audio, text, torch.ones(1, audio.shape[1], dtype=torch.bool))
+            rows["doc_id"].append(dataset.doc_ids[index])
+            rows["segments"].append(int(audio.shape[1]))
+            for name in ("audio_embedding", "text_embedding", "joint_embedding", "audio_pooling", "text_pooling",
+                         "joint_pooling"):
+                value = getattr(output, name, None)
+                rows.setdefault(name, []).append(None if value is None else value[0].float().numpy().tolist())
+    return pa.table(rows)
+
+
+def write_parquet_atomically(table: pa.Table, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, temporary)
+    temporary.replace(path)
+    return path
