@@ -148,23 +148,37 @@ def demo_data(
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("hilbert-demo"), help="Folder for the corpus, the feature cache and runs."),
+    config: Path = typer.Option(Path("tune/train-demo.yaml"), help="Training config of the demo (run from the "
+                                                                   "repository root, or point to your copy)."),
     documents: int = typer.Option(240, help="Documents in the demo corpus."),
     seed: int = typer.Option(0, help="Seed of the demo corpus."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray."),
 ) -> None:
-    """The main job on the bundled demo corpus: write it, validate it, extract features (cached).
+    """The main job on the bundled demo corpus: write it, validate it, extract features (cached),
+    then train HILBERT with k-fold CV on Ray Train and compare it with the baseline.
 
-    Training, the sweep and MLflow tracking join this command as they land (see README).
+    A second run reuses the corpus and the feature cache.
     """
+    from hilbert.config import ConfigError
     from hilbert.data.demo import write_demo_corpus
     from hilbert.features.extract import extract_features
+    from hilbert.train.config import load_train_config
+    from hilbert.train.run import run_cross_validation
 
-    corpus_dir = workdir / "corpus"
-    manifest_path = corpus_dir / "manifest.jsonl"
+    try:
+        train_config = load_train_config(config, {"data": {"manifest": str(workdir / "corpus" / "manifest.jsonl"),
+                                                           "cache_dir": str(workdir / "cache")},
+                                                  "output_dir": str(workdir / "runs")})
+    except ConfigError as error:
+        errors.print(f"[red]{error}[/red]\n(run `hilbert demo` from the repository root, or pass --config)",
+                     highlight=False)
+        raise typer.Exit(2) from None
+    manifest_path = Path(train_config.data.manifest)
+    console.rule("1. demo corpus")
     if manifest_path.exists():
-        console.print(f"demo corpus already written: {manifest_path}")
+        console.print(f"reusing {manifest_path}")
     else:
-        console.rule("1. demo corpus")
-        write_demo_corpus(corpus_dir, n_documents=documents, seed=seed)
+        write_demo_corpus(manifest_path.parent, n_documents=documents, seed=seed)
         console.print(f"wrote {manifest_path}")
     console.rule("2. validate")
     report = validate_manifest(manifest_path)
@@ -174,8 +188,12 @@ def demo(
     _print_summary(report)
     console.rule("3. extract features")
     corpus = Manifest(report.manifest_path, report.documents)
-    extraction = extract_features(corpus, "logmel", "hashngram", workdir / "cache")
+    extraction = extract_features(corpus, train_config.data.audio_encoder, train_config.data.text_encoder,
+                                  train_config.data.cache_dir, address=address)
     console.print(extraction.throughput_line())
+    console.rule("4. train: k-fold cross-validation on Ray Train")
+    result = run_cross_validation(train_config, address=address, log=console.print)
+    print_cross_validation(result)
 
 
 METHOD_NAMES = {"hilbert": "HILBERT", "pairwise": "pairwise a<->t (CLAP-style)", "no_cka": "HILBERT - CKA",

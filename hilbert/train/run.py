@@ -153,6 +153,7 @@ def run_cross_validation(config: TrainConfig, *, address: str | None = None, run
     run_dir = Path(run_dir or Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1) + "\n", encoding="utf-8")
+    log(f"run folder: {run_dir}")
     result = CrossValidationResult(tasks=data.label_maps.tasks, folds=data.split.k)
     connect(address)
     for variant in config.variants:
@@ -170,6 +171,7 @@ def run_cross_validation(config: TrainConfig, *, address: str | None = None, run
         result.methods[BASELINE] = run_baseline(config, data)
         result.seconds[BASELINE] = time.perf_counter() - started
     atomic_write_json(run_dir / "results.json", result.to_json())
+    log(f"results: {run_dir / 'results.json'}; fold models: {run_dir}/<variant>/fold_*")
     return result
 
 
