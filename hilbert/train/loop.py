@@ -17,6 +17,7 @@ import json
 import math
 import random
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -140,13 +141,22 @@ def train_folds(plan_json: dict[str, Any], context: WorkerContext | None = None)
         active = [run for run in runs if not run.done]
         if not active:
             break
+        timings = {"train_seconds": 0.0, "validation_seconds": 0.0, "train_documents": 0.0}
         for run in active:
+            started = time.perf_counter()
             run.train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
             run.last_train = _train_one_epoch(run, plan.config, context)
+            timings["train_seconds"] += time.perf_counter() - started
+            timings["train_documents"] += len(run.train_loader) * run.train_loader.batch_size * context.world_size
+            started = time.perf_counter()
             run.last_validation = evaluate(run.core, run.validation, plan.label_maps, context.device)
             _update_early_stopping(run, epoch, plan.config, context)
+            timings["validation_seconds"] += time.perf_counter() - started
+        started = time.perf_counter()
         checkpoint = _write_checkpoint(runs, plan, epoch, context) if context.rank == 0 else None
-        context.report(_epoch_metrics(runs, epoch), checkpoint)
+        timings["checkpoint_seconds"] = time.perf_counter() - started
+        timings["train_documents_per_second"] = timings["train_documents"] / max(timings["train_seconds"], 1e-9)
+        context.report({**_epoch_metrics(runs, epoch), **{f"time/{k}": v for k, v in timings.items()}}, checkpoint)
     return {run.fold: run.best_metrics for run in runs}
 
 
