@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,8 +22,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-errors = Console(stderr=True)
+# Tables are wide; outside a terminal (logs, CI) rich would wrap them at 80 columns.
+_WIDTH = shutil.get_terminal_size((150, 24)).columns
+console = Console(width=_WIDTH)
+errors = Console(stderr=True, width=_WIDTH)
 
 AUDIO_ENCODER_HELP = ("Speech encoder: `logmel` (log-mel + prosody, no weights), or `hf:<model id or folder>` "
                       "for wav2vec2/HuBERT/WavLM/Whisper, with options such as `?layer=6` or `?layer=avg`.")
@@ -217,7 +220,7 @@ def print_cross_validation(result) -> None:
             cells = []
             for task in result.tasks:
                 mean, std = result.summary(method, f"{task}/{metric}")
-                cells.append(f"{mean:.3f} ± {std:.3f}")
+                cells.append(f"{mean:.3f}±{std:.3f}")
             if metric == "auc":
                 cells.append(f"{result.mean_auc(method):.3f}")
             table.add_row(METHOD_NAMES.get(method, method), *cells)
