@@ -125,3 +125,26 @@ def collate_documents(items: Sequence[dict]) -> dict[str, torch.Tensor | dict[st
               for task in items[0]["labels"]}
     return {"index": torch.tensor([item["index"] for item in items]), "audio": audio, "text": text,
             "mask": mask, "labels": labels}
+
+
+def segment_statistics(dataset: DocumentFeatures) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-feature mean and standard deviation over every real segment of ``dataset``, per modality.
+
+    Accumulated in float64 one document at a time, so large corpora need no concatenation.
+    """
+    sums: dict[str, np.ndarray] = {}
+    squares: dict[str, np.ndarray] = {}
+    count = 0
+    for index in range(len(dataset)):
+        item = dataset[index]
+        for modality in ("audio", "text"):
+            values = np.asarray(item[modality], dtype=np.float64)
+            sums[modality] = sums.get(modality, 0.0) + values.sum(axis=0)
+            squares[modality] = squares.get(modality, 0.0) + (values ** 2).sum(axis=0)
+        count += item["audio"].shape[0]
+    statistics = {}
+    for modality in sums:
+        mean = sums[modality] / max(count, 1)
+        variance = np.maximum(squares[modality] / max(count, 1) - mean ** 2, 0.0)
+        statistics[modality] = (torch.tensor(mean, dtype=torch.float32), torch.tensor(np.sqrt(variance), dtype=torch.float32))
+    return statistics

@@ -34,18 +34,34 @@ def sinusoidal_positions(n_positions: int, d_model: int, device=None, dtype=None
 class SegmentProjection(nn.Module):
     """One modality's frozen-encoder features ``[B, S, d_in]`` -> ``[B, S, d_model]``.
 
-    The input LayerNorm puts a 1024-wide speech feature and a 384-wide text feature on the same
-    per-feature scale before the projection, so neither stream dominates by its encoder's width.
+    Two normalisations, for two different problems. Per-feature standardisation with statistics
+    of the training documents (buffers, so they travel with the checkpoint) puts features of
+    different units on one scale: a prosody vector mixes log-energies near -10 with rates near 3,
+    and the projection would otherwise only see the largest. The LayerNorm then puts a 1024-wide
+    speech feature and a 384-wide text feature on the same per-vector scale before the
+    projection, so neither stream dominates by its encoder's width.
     """
 
     def __init__(self, d_in: int, d_model: int, dropout: float):
         super().__init__()
+        self.register_buffer("feature_mean", torch.zeros(d_in))
+        self.register_buffer("feature_scale", torch.ones(d_in))
         self.norm = nn.LayerNorm(d_in)
         self.linear = nn.Linear(d_in, d_model)
         self.dropout = nn.Dropout(dropout)
 
+    @torch.no_grad()
+    def set_feature_statistics(self, mean: Tensor, std: Tensor) -> None:
+        """Standardise with these per-feature statistics; tiny deviations are floored at a tenth
+        of the average one, so a feature that is almost never active (a rare hashed n-gram)
+        cannot explode when it appears."""
+        floor = 0.1 * float(std.mean()) + 1e-6
+        self.feature_mean.copy_(mean.to(self.feature_mean))
+        self.feature_scale.copy_(std.clamp_min(floor).to(self.feature_scale))
+
     def forward(self, features: Tensor) -> Tensor:
-        return self.dropout(self.linear(self.norm(features)))
+        standardised = (features - self.feature_mean) / self.feature_scale
+        return self.dropout(self.linear(self.norm(standardised)))
 
 
 class MultiHeadAttention(nn.Module):

@@ -176,6 +176,11 @@ class HilbertModel(nn.Module):
             joint_pooling=joint_pooling,
         )
 
+    def set_feature_statistics(self, modality: str, mean: Tensor, std: Tensor) -> None:
+        """Per-feature mean and standard deviation of ``modality``'s training segments."""
+        if modality in self.projections:
+            self.projections[modality].set_feature_statistics(mean, std)
+
     def _project(self, audio: Tensor | None, text: Tensor | None, mask: Tensor) -> dict[str, Tensor]:
         inputs = {"audio": audio, "text": text}
         self._check_inputs(inputs, mask)

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from hilbert.config import from_dict, to_dict
-from hilbert.features.batches import DocumentFeatures, LabelMaps, collate_documents
+from hilbert.features.batches import DocumentFeatures, LabelMaps, collate_documents, segment_statistics
 from hilbert.features.cache import FeatureCache, FeatureSet
 from hilbert.losses import HilbertObjective, info_nce, linear_cka
 from hilbert.metrics import classification_metrics, recall_at_k
@@ -185,7 +185,10 @@ def _build_fold(plan: Plan, cache: FeatureCache, fold: int, context: WorkerConte
                         drop_last=drop_last)
     torch.manual_seed(config.optimization.seed + fold)  # the same initial weights on every rank
     model_config = config.model_config(plan.feature_set.audio_dim, plan.feature_set.text_dim, plan.label_maps.sizes())
-    model = HilbertModel(model_config).to(context.device)
+    model = HilbertModel(model_config)
+    for modality, (mean, std) in segment_statistics(train_set).items():  # training fold only: no leak
+        model.set_feature_statistics(modality, mean, std)
+    model = model.to(context.device)
     class_weights = _class_weights(train_set, plan.label_maps, config.optimization.class_weighting, context.device)
     objective = HilbertObjective(config.loss, class_weights).to(context.device)
     if context.world_size > 1:
