@@ -41,8 +41,10 @@ def test_train_prints_the_table_and_beats_chance(trained):
         assert expected in output
     results = json.loads((root / "run" / "results.json").read_text())
     summary = results["summary"]["hilbert"]
-    for task in ("arousal", "voice", "topic"):
-        assert summary[f"{task}/auc"]["mean"] > 0.6, (task, summary[f"{task}/auc"])
+    # 80 training documents a fold and 12 epochs: "beats chance" with a margin over fold noise,
+    # not a benchmark (the README's table is the 240-document, 5-fold run).
+    for task in ("arousal", "voice", "topic", "stance"):
+        assert summary[f"{task}/auc"]["mean"] > 0.55, (task, summary[f"{task}/auc"])
     assert sorted(p.name for p in (root / "run" / "hilbert").iterdir()) == ["fold_0", "fold_1", "fold_2"]
     assert json.loads((root / "run" / "config.json").read_text())["variants"] == ["hilbert", "text_only"]
 

@@ -4,18 +4,21 @@ Every document is a speaker reading 5-12 sentences with pauses between them. The
 source-filter imitation of speech: a sawtooth glottal source following a pitch contour, shaped
 by a spectral tilt and three formant resonators, gated by a syllable-rate envelope, with noise
 bursts for consonants and a little room noise. The transcripts come from templates whose content
-words depend on the topic and whose judgement words depend on the sentiment, padded with filler
-that every document shares.
+words depend on the topic and whose judgement words (one or two in every sentence) depend on the
+sentiment, padded with filler that every document shares.
 
 The tasks (:data:`DEMO_TASKS`) are built so that a model must use the right modality:
 
 - ``arousal`` and ``voice`` live only in the audio (arousal in loudness, speaking rate, pause
   length and pitch range; voice in the speaker's base pitch and formant spacing);
 - ``topic`` lives only in the words;
-- ``stance`` is sincere when the vocal tone (warm: final pitch rise and a dark spectrum; cold:
-  final fall and a bright spectrum) agrees with the sentiment of the words, and sarcastic when it
-  does not. Sentiment and tone are each 50/50 and independent of the stance, so neither modality
-  alone says anything about it: an XOR that only a model of both can learn.
+- ``stance`` is sincere when the vocal tone agrees with the sentiment of the words, and sarcastic
+  when it does not. Sentiment and tone are each 50/50 and independent of the stance, so neither
+  modality alone says anything about it: an XOR that only a model of both can learn. An XOR gives
+  a learner no signal from either input alone, so at a few hundred documents both halves must be
+  loud: every utterance carries the document's tone (warm: a dark spectrum, smooth syllables, soft
+  consonants and rising sentence ends; cold: bright, clipped, crisp and falling), and nearly every
+  sentence judges with the document's sentiment. The hard part left is the combination.
 
 Nothing is perfectly predictable: cues are drawn from overlapping distributions, a few labels are
 flipped (:data:`LABEL_NOISE`), and ``null_fraction`` of each task's labels are removed.
@@ -67,7 +70,7 @@ DEMO_TASKS: tuple[DemoTask, ...] = (
              "the speaker's base pitch and formant spacing"),
     DemoTask("topic", ("sports", "politics", "science", "food", "travel"), (0.32, 0.26, 0.2, 0.13, 0.09), "text",
              "content words of the transcript"),
-    DemoTask("stance", ("sincere", "sarcastic"), (0.7, 0.3), "audio+text",
+    DemoTask("stance", ("sincere", "sarcastic"), (0.6, 0.4), "audio+text",
              "whether the vocal tone agrees with the sentiment of the words"),
 )
 _TASK = {task.name: task for task in DEMO_TASKS}
@@ -88,7 +91,7 @@ _JUDGEMENTS_BY_SENTIMENT = (  # positive, negative
 )
 _FILLERS = ("um", "uh", "so", "well", "like", "you know", "I mean", "actually", "basically", "honestly",
             "kind of", "sort of", "right", "okay", "anyway", "I guess", "to be fair", "literally", "just", "really")
-_TEMPLATES = (  # most sentences pass a judgement: these speakers have opinions
+_TEMPLATES = (  # every sentence passes a judgement: these speakers have opinions
     "{filler} the {noun} was {judgement} {filler}",
     "{filler} I think the {noun} is {judgement}",
     "everyone says the {noun} was {judgement} {filler}",
@@ -96,13 +99,13 @@ _TEMPLATES = (  # most sentences pass a judgement: these speakers have opinions
     "{filler} it was {judgement} {filler}",
     "{filler} honestly the {noun} was {judgement} and {judgement}",
     "{filler} {filler} what a {judgement} {noun}",
-    "{filler} what about the {noun} {filler}",
-    "{filler} {filler} you know how it goes",
+    "{filler} what about the {noun} it was {judgement}",
+    "{filler} just {judgement} {filler} really {judgement}",
 )
 # Chance that a sentence's content word comes from the document's topic rather than another one,
 # and that its judgement word agrees with the document's sentiment.
 _ON_TOPIC = 0.65
-_ON_SENTIMENT = 0.85
+_ON_SENTIMENT = 0.92
 
 
 # --- corpus plan: who speaks, with which hidden truths -------------------------------------------
@@ -254,20 +257,29 @@ def _sentence(rng: np.random.Generator, topic: int, sentiment: int) -> str:
 
 # --- audio synthesis ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Delivery:
-    """How a speaker sounds in one document: what arousal and voice do to the acoustics."""
+class _ToneAcoustics(NamedTuple):
+    """What a vocal tone does to every utterance of a document.
 
-    f0: float  # Hz
-    pitch_range: float  # relative depth of the pitch movement
-    syllable_rate: float  # syllables per second
-    level: float  # RMS of the voiced speech, linear
-    formant_scale: float
-    tone_sign: float  # +1 warm, -1 cold
+    Each cue moves many log-mel and prosody statistics the same way (the tilt every band above
+    ~1 kHz, the syllable shape every band's spread), so after mean pooling the tone is one strong
+    direction of the audio features: a small model on both modalities can then find the XOR.
+    """
+
+    dark: bool  # spectral tilt: a low-pass near 500 Hz (dark) or a lift above 1 kHz (bright)
+    pitch_turn: float  # +1: sentences end rising, -1: falling
+    syllable_floor: float  # envelope between syllables relative to their peaks: high is smooth
+    syllable_sharpness: float  # exponent of the syllable envelope: high is clipped
+    consonant_share: float  # fraction of syllables that open with a noise burst
+    consonant_level: float  # burst level relative to the voiced speech
 
 
-# Chance that an utterance carries the document's vocal tone rather than the opposite one.
-_TONE_SHOWN = 0.9
+_TONE_ACOUSTICS = (  # warm: dark, smooth, soft; cold: bright, clipped, crisp
+    _ToneAcoustics(dark=True, pitch_turn=1.0, syllable_floor=0.3, syllable_sharpness=1.0, consonant_share=0.3,
+                   consonant_level=0.2),
+    _ToneAcoustics(dark=False, pitch_turn=-1.0, syllable_floor=0.05, syllable_sharpness=2.0, consonant_share=0.5,
+                   consonant_level=0.5),
+)
+
 
 class _ArousalAcoustics(NamedTuple):
     """Centres of the cues for one arousal class; documents scatter around them and overlap."""
@@ -286,6 +298,18 @@ _AROUSAL_ACOUSTICS = (  # low, medium, high
 )
 
 
+@dataclass(frozen=True)
+class _Delivery:
+    """How a speaker sounds in one document: what arousal, voice and tone do to the acoustics."""
+
+    f0: float  # Hz
+    pitch_range: float  # relative depth of the pitch movement
+    syllable_rate: float  # syllables per second
+    level: float  # RMS of the voiced speech, linear
+    formant_scale: float
+    tone: _ToneAcoustics
+
+
 def _delivery(rng: np.random.Generator, plan: _DocumentPlan) -> _Delivery:
     centre = _AROUSAL_ACOUSTICS[plan.arousal]
     return _Delivery(
@@ -294,7 +318,7 @@ def _delivery(rng: np.random.Generator, plan: _DocumentPlan) -> _Delivery:
         syllable_rate=max(2.5, rng.normal(centre.syllable_rate, 0.5)),
         level=10 ** (rng.normal(centre.level_db, 2.5) / 20),
         formant_scale=plan.speaker.formant_scale * rng.normal(1.0, 0.02),
-        tone_sign=1.0 if plan.tone == 0 else -1.0,
+        tone=_TONE_ACOUSTICS[plan.tone],
     )
 
 
@@ -305,11 +329,19 @@ def _resonator(frequency: float, bandwidth: float, sample_rate: int) -> np.ndarr
     return np.array([1 + a1 + a2, 0.0, 0.0, 1.0, a1, a2])
 
 
-def _vocal_tract(rng: np.random.Generator, delivery: _Delivery, tone_sign: float, sample_rate: int) -> np.ndarray:
-    """Second-order sections: a tilt (dark when warm, bright when cold) and three formants."""
-    cutoff = rng.uniform(500, 900) if tone_sign > 0 else rng.uniform(1800, 3000)
-    pole = np.exp(-2 * np.pi * cutoff / sample_rate)
-    sections = [np.array([1 - pole, 0.0, 0.0, 1.0, -pole, 0.0])]
+def _spectral_tilt(rng: np.random.Generator, dark: bool, sample_rate: int) -> np.ndarray:
+    """One second-order section: a two-pole low-pass near 500 Hz, or a zero near 1 kHz that lifts
+    the highs 6 dB per octave."""
+    if dark:
+        pole = np.exp(-2 * np.pi * rng.uniform(400, 600) / sample_rate)
+        return np.array([(1 - pole) ** 2, 0.0, 0.0, 1.0, -2 * pole, pole**2])
+    zero = np.exp(-2 * np.pi * rng.uniform(800, 1200) / sample_rate)
+    return np.array([1.0, -zero, 0.0, 1.0, 0.0, 0.0])
+
+
+def _vocal_tract(rng: np.random.Generator, delivery: _Delivery, sample_rate: int) -> np.ndarray:
+    """Second-order sections: the tone's spectral tilt and three formants."""
+    sections = [_spectral_tilt(rng, delivery.tone.dark, sample_rate)]
     # A random vowel per utterance; the speaker's vocal tract length scales all formants.
     formants = (rng.uniform(300, 800), rng.uniform(900, 2300), rng.uniform(2400, 3000))
     for frequency, bandwidth in zip(formants, (90.0, 120.0, 160.0)):
@@ -323,27 +355,26 @@ def _utterance(rng: np.random.Generator, delivery: _Delivery, n_samples: int, sa
     """One sentence of speech-like sound, silent at both ends, RMS near ``delivery.level``."""
     t = np.arange(n_samples) / sample_rate
     progress = t / t[-1]
-    # Each utterance shows the document's tone most of the time, so tone is a noisy cue.
-    tone_sign = delivery.tone_sign if rng.random() < _TONE_SHOWN else -delivery.tone_sign
-    final_movement = 1 + tone_sign * rng.uniform(0.15, 0.3) * np.clip((progress - 0.6) / 0.4, 0, 1) ** 2
+    tone = delivery.tone
+    final_movement = 1 + tone.pitch_turn * rng.uniform(0.15, 0.3) * np.clip((progress - 0.6) / 0.4, 0, 1) ** 2
     wobble = 1 + delivery.pitch_range * np.sin(2 * np.pi * rng.uniform(0.6, 1.4) * t + rng.uniform(0, 2 * np.pi))
     declination = 1 - 0.06 * progress
     f0 = delivery.f0 * rng.normal(1.0, 0.04) * wobble * declination * final_movement
     glottal_phase = np.cumsum(f0) / sample_rate + rng.random()
     source = 2 * (glottal_phase % 1.0) - 1  # a sawtooth: all harmonics, falling 6 dB/octave
 
-    voiced = signal.sosfilt(_vocal_tract(rng, delivery, tone_sign, sample_rate), source)
+    voiced = signal.sosfilt(_vocal_tract(rng, delivery, sample_rate), source)
     voiced /= np.sqrt(np.mean(voiced**2)) + 1e-12
 
     rate = delivery.syllable_rate * (1 + 0.15 * np.sin(2 * np.pi * 0.5 * t + rng.uniform(0, 2 * np.pi)))
     syllable_phase = np.cumsum(rate) / sample_rate
     within = syllable_phase % 1.0
-    envelope = 0.1 + 0.9 * np.sin(np.pi * within) ** 1.5
+    envelope = tone.syllable_floor + (1 - tone.syllable_floor) * np.sin(np.pi * within) ** tone.syllable_sharpness
 
-    # Consonants: a high-passed noise burst at the onset of about 40% of the syllables.
-    has_burst = rng.random(int(syllable_phase[-1]) + 2) < 0.4
+    # Consonants: a high-passed noise burst at the onset of some of the syllables.
+    has_burst = rng.random(int(syllable_phase[-1]) + 2) < tone.consonant_share
     burst_gate = has_burst[syllable_phase.astype(int)] * np.clip(1 - within / 0.12, 0, 1)
-    burst = np.diff(rng.standard_normal(n_samples + 1)) * burst_gate * 0.35
+    burst = np.diff(rng.standard_normal(n_samples + 1)) * burst_gate * tone.consonant_level
 
     ramp = min(n_samples // 2, int(0.02 * sample_rate))
     fade_in = 0.5 - 0.5 * np.cos(np.pi * np.arange(ramp) / ramp)
@@ -367,7 +398,9 @@ def _render(rng: np.random.Generator, plan: _DocumentPlan, spans_ms: list[tuple[
     # A second channel hears the same speech a fraction of a millisecond later and a little softer.
     delay = _sample_index(rng.uniform(0.1, 0.6) / 1000, sample_rate)
     gains = [1.0, rng.uniform(0.8, 0.95)]
-    room_level = 10 ** (rng.uniform(-58, -48) / 20)
+    # Room noise a fixed distance below the speech, as a recording gain would set it: a noise floor
+    # of its own would dominate the quiet top mel bands and add a strong nuisance to the features.
+    room_level = delivery.level * 10 ** (rng.uniform(-42, -38) / 20)
     tracks = []
     for channel in range(channels):
         shift = delay * channel
