@@ -68,6 +68,19 @@ def tiny_corpus(tmp_path: Path) -> Path:
     return write_manifest(tmp_path, records)
 
 
+@pytest.fixture
+def seeded_single_thread():
+    """Reproducible, and one intra-op thread: tiny tensors gain nothing from more, and on a busy
+    2-core machine spinning OpenMP threads make these tests 100x slower."""
+    import torch
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """A local Ray with 2 CPUs on 127.0.0.1, shared by the Ray tests of a session."""

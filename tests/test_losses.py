@@ -27,15 +27,7 @@ from hilbert.losses import (
 from hilbert.model import HilbertModel, HilbertModelConfig, HilbertOutput
 
 
-@pytest.fixture(autouse=True)
-def seeded_single_thread():
-    """Reproducible, and one intra-op thread: tiny tensors gain nothing from more, and on a busy
-    2-core machine spinning OpenMP threads make these tests 100x slower."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def random_orthogonal(d: int, seed: int = 0) -> torch.Tensor:

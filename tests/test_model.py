@@ -13,15 +13,7 @@ AUDIO_DIM, TEXT_DIM = 24, 10  # deliberately unequal, like 1024-wide speech vs 3
 TASKS = {"diagnosis": 3, "severity": 2}
 
 
-@pytest.fixture(autouse=True)
-def seeded_single_thread():
-    """Reproducible, and one intra-op thread: tiny tensors gain nothing from more, and on a busy
-    2-core machine spinning OpenMP threads make these tests 100x slower."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def tiny_config(**overrides) -> HilbertModelConfig:

@@ -22,12 +22,7 @@ from hilbert.model.hilbert import HilbertModel, HilbertModelConfig
 AUDIO_DIM, TEXT_DIM = 12, 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def synthetic_plan(tmp_path: Path, *, documents: int = 48, epochs: int = 3, folds: int = 2, dropout: float = 0.0,
