@@ -56,7 +56,7 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     try:
         return cls(**values)
     except (ValueError, TypeError) as error:
-        if isinstance(error, ConfigError):
+        if isinstance(error, ConfigError) and str(error).startswith(label):
             raise
         raise ConfigError(f"{label}: {error}") from error
 
