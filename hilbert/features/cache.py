@@ -246,5 +246,5 @@ class FeatureCache:
                     temporary.unlink()
                     removed += 1
             except FileNotFoundError:
-                pass  # another process finished or removed it meanwhile
+                continue  # another process finished or removed it meanwhile
         return removed
