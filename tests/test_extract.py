@@ -91,6 +91,33 @@ def test_cli_refuses_a_bad_manifest_before_any_work(tmp_path: Path):
     assert not (tmp_path / "cache").exists()
 
 
+def kill_session(session_id: int) -> None:
+    """SIGKILL every process of a session, and wait until none is left.
+
+    Ray's daemons and actors leave the driver's process group but stay in its session; killing
+    only the group would let an actor finish one more entry after the test counted them.
+    """
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        members = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[3]) == session_id and fields[0] != "Z":  # after "(comm)": state ppid pgrp session
+                members.append(int(stat.parent.name))
+        if not members:
+            return
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"processes of session {session_id} survived SIGKILL")
+
+
 INTERRUPTED_EXTRACTION = """
 import sys
 from hilbert.data.manifest import load_manifest
@@ -113,7 +140,7 @@ def test_killed_extraction_leaves_only_whole_entries_and_resumes(local_ray, tmp_
     deadline = time.time() + 180
     while time.time() < deadline and len(list(audio_entries.rglob("*.safetensors"))) < 3:
         time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    kill_session(process.pid)  # the driver and every Ray process it started
     process.wait()
     written = list(audio_entries.rglob("*.safetensors"))
     assert 3 <= len(written) < 40, "the extraction must be killed part-way"
