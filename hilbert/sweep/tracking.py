@@ -1,0 +1,599 @@
+"""MLflow tracking of sweeps: one parent run per sweep, one nested child run per trial.
+
+Every call goes through an explicit :class:`mlflow.MlflowClient` bound to one tracking URI, never
+through MLflow's process-global "active run": trials run in other processes (Ray actors), several
+can share a process, and a global run is what leaves runs stuck RUNNING. What a trial needs to
+find its run is plain and picklable: an :class:`Experiment` (URI, id, name), the parent run id
+and the trial id.
+
+Nesting uses MLflow's own ``mlflow.parentRunId`` tag (the UI draws the tree from it); a
+``trial_id`` tag lets a resumed sweep find a trial's run again, reopen it and continue, instead
+of leaving a RUNNING orphan beside a new run. Runs end FINISHED on success, FAILED on an
+exception, KILLED on Ctrl-C, SIGTERM or a scheduler stop; :func:`close_unfinished_runs` ends
+whatever a killed process could not.
+
+Metric names are sanitised (MLflow refuses ``@``, ``(``, ``//`` ...), NaN and infinite values are
+skipped (MLflow stores them but its charts break on them).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import importlib.metadata
+import io
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+# MLflow 3 reports usage to a remote service unless told not to, and decides when ``mlflow`` is
+# first imported; hilbert sends nothing off the machine it was not asked to. MLflow 3.17 reads
+# MLFLOW_DISABLE_TELEMETRY (or DO_NOT_TRACK), not MLFLOW_ENABLE_TELEMETRY. An explicit setting in
+# the environment still wins.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import numpy as np  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
+TRIAL_ID_TAG = "trial_id"
+ROLE_TAG = "hilbert.role"  # "sweep" or "trial": lets queries tell the two apart
+FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+PACKAGES = ("hilbert", "torch", "ray", "mlflow", "optuna")
+
+# MLflow's limits (mlflow.utils.validation): keys up to 250 characters, 100 params and 1000
+# metrics per log_batch call.
+_MAX_KEY = 250
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+# The portable subset of what MLflow accepts in a key (it also allows ':' except on Windows).
+_BAD_KEY_CHARACTERS = re.compile(r"[^\w.\- /]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where runs are stored
+
+
+def resolve_tracking_uri(explicit: str | None, workdir: str | Path) -> str:
+    """The tracking URI to use: ``explicit``, else ``$MLFLOW_TRACKING_URI``, else a sqlite file
+    ``<workdir>/mlruns.db`` (absolute, so it does not depend on the current directory)."""
+    if explicit:
+        return explicit
+    if os.environ.get(ENV_TRACKING_URI):
+        return os.environ[ENV_TRACKING_URI]
+    return f"sqlite:///{Path(workdir).resolve() / 'mlruns.db'}"
+
+
+def artifact_location_for(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: ``mlartifacts/`` beside a sqlite database file.
+
+    A sqlite store has no artifact root of its own; MLflow would use ``./mlruns`` of whatever
+    directory the process happens to run in. A server (``http://``) decides for itself: None.
+    """
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    database = Path(uri[len("sqlite:///"):]).resolve()
+    return (database.parent / "mlartifacts").as_uri()
+
+
+def ui_command(uri: str, port: int = 5000) -> str:
+    """The command line that opens the MLflow UI on this store, reachable from this machine only."""
+    parts = ["mlflow", "ui", "--backend-store-uri", uri]
+    artifacts = artifact_location_for(uri)
+    if artifacts:
+        parts += ["--default-artifact-root", artifacts]  # for experiments created from the UI
+    parts += ["--host", "127.0.0.1", "--port", str(port)]
+    return shlex.join(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def mlflow_client(uri: str) -> MlflowClient:
+    """One client per URI and process; the registry lives in the same store as the runs."""
+    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
+        Path(uri[len("sqlite:///"):]).resolve().parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """An MLflow experiment in one store: plain strings, so it pickles into Ray trials."""
+
+    uri: str
+    experiment_id: str
+    name: str
+
+    @classmethod
+    def open(cls, uri: str, name: str = "hilbert") -> "Experiment":
+        """Get experiment ``name``, creating it (artifacts beside a sqlite store) if missing."""
+        client = mlflow_client(uri)
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            try:
+                client.create_experiment(name, artifact_location=artifact_location_for(uri))
+            except MlflowException as error:  # another process created it first
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            found = client.get_experiment_by_name(name)
+        assert found is not None
+        if found.lifecycle_stage == "deleted":
+            raise ValueError(f"MLflow experiment {name!r} in {uri} is deleted: restore it "
+                             f"(mlflow experiments restore --experiment-id {found.experiment_id}) or use another name")
+        return cls(uri, found.experiment_id, name)
+
+    @property
+    def client(self) -> MlflowClient:
+        return mlflow_client(self.uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and values MLflow accepts
+
+
+def metric_key(name: str) -> str:
+    """``name`` as an MLflow metric/param key: ``@`` reads ``_at_``, other refused characters
+    become ``_``, and path tricks (``//``, ``..``, a leading ``/``) are removed."""
+    name = _BAD_KEY_CHARACTERS.sub("_", str(name).replace("@", "_at_"))
+    parts = [part for part in name.split("/") if part not in ("", ".", "..")]
+    return "/".join(parts)[:_MAX_KEY] or "_"
+
+
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The real-valued, finite entries of ``metrics`` under sanitised keys (bools, strings, NaN
+    and infinities are dropped)."""
+    kept = {}
+    for name, value in metrics.items():
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            continue
+        if math.isfinite(float(value)):
+            kept[metric_key(name)] = float(value)
+    return kept
+
+
+def to_json(value: Any, **dumps) -> str:
+    """JSON for configs that may hold dataclasses, paths, tuples or numpy scalars."""
+    return json.dumps(value, default=_json_default, **dumps)
+
+
+def _json_default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings become dotted keys; lists and other values become compact JSON strings."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, f"{name}."))
+        elif isinstance(value, str):
+            flat[metric_key(name)] = value
+        else:
+            flat[metric_key(name)] = to_json(value, separators=(",", ":"))
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# Ending runs: FINISHED, FAILED or KILLED, never left RUNNING
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM, so ``finally`` blocks run and runs end KILLED."""
+
+
+def status_for(error: BaseException | None) -> str:
+    """FINISHED without an error; KILLED for Ctrl-C and SIGTERM; FAILED for anything else."""
+    if error is None:
+        return FINISHED
+    if isinstance(error, (KeyboardInterrupt, Terminated)):
+        return KILLED
+    if isinstance(error, SystemExit) and error.code in (0, None):
+        return FINISHED
+    return FAILED
+
+
+@contextmanager
+def sigterm_raises_terminated() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` for the duration of the block.
+
+    Only where that is safe: in the main thread (Python delivers signals there, and
+    ``signal.signal`` refuses other threads, such as a Ray Tune trial's) and only when nothing
+    else handles SIGTERM yet (Ray, a web server) -- their handler is left alone. Without this,
+    SIGTERM ends the process without running any ``finally``, and the run stays RUNNING.
+    """
+    installable = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if not installable:
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance of a sweep
+
+
+def git_commit(folder: str | Path) -> tuple[str, bool] | None:
+    """(commit, has uncommitted changes) of the git checkout holding ``folder``; None outside one."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    return commit, bool(git("status", "--porcelain", "--untracked-files=no"))
+
+
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def provenance_tags(manifest_fingerprint: str | None, encoders: Mapping[str, Any] | None) -> dict[str, str]:
+    """Tags that say which code, libraries, corpus and cached features a sweep used."""
+    tags = {f"version/{name}": version for name, version in package_versions().items()}
+    commit = git_commit(Path(__file__).resolve().parent)
+    if commit:
+        sha, dirty = commit
+        tags["mlflow.source.git.commit"] = sha  # the MLflow UI shows this one
+        tags["git_dirty"] = str(dirty).lower()
+    if manifest_fingerprint:
+        tags["manifest_fingerprint"] = manifest_fingerprint
+    for modality, key in (encoders or {}).items():
+        tags[f"encoder/{metric_key(modality)}"] = key if isinstance(key, str) else to_json(key, sort_keys=True)[:5000]
+    return tags
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+class _TrackedRun:
+    """A run this process ends: a context manager that picks the end status from the exception."""
+
+    experiment: Experiment
+    run_id: str | None = None
+    _ended = False
+
+    def __enter__(self):
+        self._guard = ExitStack()
+        self._guard.enter_context(sigterm_raises_terminated())
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        try:
+            self.end(self._status_on_exit(error))
+        finally:
+            self._guard.close()
+        return False
+
+    def _status_on_exit(self, error: BaseException | None) -> str:
+        return status_for(error)
+
+    def end(self, status: str = FINISHED) -> None:
+        """End the run with ``status`` (FINISHED, FAILED or KILLED); later calls do nothing."""
+        assert status in (FINISHED, FAILED, KILLED), status
+        if self._ended or self.run_id is None:
+            return
+        self.experiment.client.set_terminated(self.run_id, status)
+        self._ended = True
+
+    def _log_json(self, payload: Any, artifact_file: str) -> None:
+        self.experiment.client.log_text(self.run_id, to_json(payload, indent=1) + "\n", artifact_file)
+
+
+class SweepTracker(_TrackedRun):
+    """The parent run of a sweep: what was searched, against which code, data and features."""
+
+    def __init__(self, experiment: Experiment, run_id: str):
+        self.experiment = experiment
+        self.run_id = run_id
+
+    @classmethod
+    def start(cls, experiment: Experiment, name: str, *, search_space: Mapping[str, Any],
+              objective: Any, manifest_fingerprint: str | None = None,
+              encoders: Mapping[str, Any] | None = None, config: Any = None,
+              tags: Mapping[str, str] | None = None) -> "SweepTracker":
+        """Open the parent run. ``search_space`` maps a parameter to its (JSON-able) definition;
+        ``encoders`` maps a modality to its encoder cache key or fingerprint; ``config`` is the
+        sweep definition, kept as an artifact."""
+        all_tags = {ROLE_TAG: "sweep", **provenance_tags(manifest_fingerprint, encoders), **(tags or {})}
+        run = experiment.client.create_run(experiment.experiment_id, run_name=name, tags=all_tags)
+        tracker = cls(experiment, run.info.run_id)
+        compact = functools.partial(to_json, separators=(",", ":"), sort_keys=True)
+        params = {metric_key(f"search/{key}"): compact(value) for key, value in search_space.items()}
+        params["objective"] = compact(objective)
+        _log_params(experiment.client, tracker.run_id, params)
+        tracker._log_json(search_space, "sweep/search_space.json")
+        tracker._log_json(objective, "sweep/objective.json")
+        if encoders:
+            tracker._log_json(encoders, "sweep/encoders.json")
+        if config is not None:
+            tracker._log_json(config, "sweep/config.json")
+        return tracker
+
+    @classmethod
+    def attach(cls, experiment: Experiment, run_id: str) -> "SweepTracker":
+        """Re-open the parent run of a sweep being resumed (it may have ended KILLED)."""
+        client = experiment.client
+        run = client.get_run(run_id)
+        if run.info.experiment_id != experiment.experiment_id or run.data.tags.get(ROLE_TAG) != "sweep":
+            raise ValueError(f"run {run_id} is not a hilbert sweep of experiment {experiment.name!r}")
+        client.update_run(run_id, status=RUNNING)
+        client.set_tag(run_id, "resumes", str(int(run.data.tags.get("resumes", "0")) + 1))
+        return cls(experiment, run_id)
+
+    def trial(self, trial_id: str, params: Mapping[str, Any] | None = None, *, name: str | None = None
+              ) -> "TrialTracker":
+        return TrialTracker(self.experiment, self.run_id, trial_id, params, name=name)
+
+    def end(self, status: str = FINISHED) -> None:
+        """End the sweep; trial runs still RUNNING then were lost with their process: KILLED."""
+        if not self._ended:
+            close_unfinished_runs(self.experiment, self.run_id, KILLED)
+        super().end(status)
+
+
+class TrialTracker(_TrackedRun):
+    """The child run of one trial (a context manager; see the module docstring for end states).
+
+    On entry it finds the run of the same ``trial_id`` under the same parent (a restored trial)
+    and reopens it, or creates one; hyperparameters are logged as params (nested mappings as
+    dotted keys) and in full as ``params.json``.
+    """
+
+    def __init__(self, experiment: Experiment, parent_run_id: str, trial_id: str,
+                 params: Mapping[str, Any] | None = None, *, name: str | None = None,
+                 tags: Mapping[str, str] | None = None):
+        if not re.fullmatch(r"[\w.\-:]+", str(trial_id)):
+            raise ValueError(f"trial_id {trial_id!r}: use letters, digits, '_', '-', '.', ':' only")
+        self.experiment = experiment
+        self.parent_run_id = parent_run_id
+        self.trial_id = str(trial_id)
+        self.params = dict(params or {})
+        self.name = name or self.trial_id
+        self.tags = dict(tags or {})
+        self.stopped_by: str | None = None
+
+    def __enter__(self) -> "TrialTracker":
+        self.start()
+        return super().__enter__()
+
+    def start(self) -> str:
+        """Create (or reopen) the trial's run and log its hyperparameters; returns the run id."""
+        client = self.experiment.client
+        existing = find_trial_run(self.experiment, self.parent_run_id, self.trial_id)
+        if existing is None:
+            tags = {PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: self.trial_id, ROLE_TAG: "trial", **self.tags}
+            self.run_id = client.create_run(self.experiment.experiment_id, run_name=self.name, tags=tags).info.run_id
+            logged: dict[str, str] = {}
+        else:
+            self.run_id = existing.info.run_id
+            client.update_run(self.run_id, status=RUNNING)
+            client.set_tag(self.run_id, "attempts", str(int(existing.data.tags.get("attempts", "1")) + 1))
+            logged = existing.data.params
+        self._ended = False
+        self._log_new_params(flatten_params(self.params), logged)
+        if self.params:
+            self._log_json(self.params, "params.json")
+        return self.run_id
+
+    def log_epoch(self, metrics: Mapping[str, Any], step: int) -> None:
+        """One epoch's report (keys sanitised; NaN, infinite and non-numeric values skipped)."""
+        timestamp = int(time.time() * 1000)
+        entries = [Metric(key, value, timestamp, int(step)) for key, value in finite_metrics(metrics).items()]
+        for start in range(0, len(entries), _METRICS_PER_BATCH):
+            self.experiment.client.log_batch(self.run_id, metrics=entries[start:start + _METRICS_PER_BATCH])
+
+    def log_fold_table(self, per_fold: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+        """Per-fold metrics as ``folds/metrics.json`` and ``folds/metrics.csv``, plus the mean and
+        sample standard deviation over folds as ``cv_mean/<name>`` and ``cv_std/<name>``.
+
+        A fold where a metric is undefined (NaN: AUC of a fold with one class) is left out of
+        that metric's mean. Returns the summary metrics that were logged.
+        """
+        table = FoldTable.from_folds(per_fold)
+        self._log_json(table.to_json(), "folds/metrics.json")
+        self.experiment.client.log_text(self.run_id, table.to_csv(), "folds/metrics.csv")
+        summary = {f"cv_mean/{name}": value for name, value in table.mean.items()}
+        summary.update({f"cv_std/{name}": value for name, value in table.std.items()})
+        logged = finite_metrics(summary)
+        self.log_epoch(logged, step=0)
+        return logged
+
+    def log_figures(self, figures: Mapping[str, "Figure"], folder: str = "figures") -> list[str]:
+        """Each figure as ``<folder>/<name>.png``; returns the artifact paths."""
+        paths = []
+        for name, figure in figures.items():
+            path = f"{folder}/{metric_key(name).replace('/', '_')}.png"
+            self.experiment.client.log_figure(self.run_id, figure, path, save_kwargs={"dpi": 110, "bbox_inches": "tight"})
+            paths.append(path)
+        return paths
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self.experiment.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def mark_stopped(self, by: str = "scheduler") -> None:
+        """The trial was stopped early (ASHA): on a normal exit the run ends KILLED, tagged why."""
+        self.stopped_by = by
+
+    def end(self, status: str = FINISHED) -> None:
+        if self.stopped_by and not self._ended and self.run_id is not None:
+            self.experiment.client.set_tag(self.run_id, "stopped_by", self.stopped_by)
+        super().end(status)
+
+    def _status_on_exit(self, error: BaseException | None) -> str:
+        status = status_for(error)
+        return KILLED if status == FINISHED and self.stopped_by else status
+
+    def _log_new_params(self, params: dict[str, str], logged: Mapping[str, str]) -> None:
+        """Log what a reopened run lacks; MLflow refuses to change a param, so a changed value is
+        reported and kept as it was (params.json holds the new one)."""
+        changed = sorted(key for key, value in params.items() if key in logged and logged[key] != value[:6000])
+        if changed:
+            log.warning("trial %s: params %s differ from the earlier attempt; MLflow keeps the first values",
+                        self.trial_id, changed)
+        _log_params(self.experiment.client, self.run_id, {k: v for k, v in params.items() if k not in logged})
+
+
+def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
+    entries = [Param(key, value) for key, value in params.items()]
+    for start in range(0, len(entries), _PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=entries[start:start + _PARAMS_PER_BATCH])
+
+
+@dataclasses.dataclass
+class FoldTable:
+    """Per-fold metrics with their mean and sample standard deviation over folds."""
+
+    folds: dict[int, dict[str, float]]
+    names: list[str]
+    mean: dict[str, float]
+    std: dict[str, float]
+
+    @classmethod
+    def from_folds(cls, per_fold: Mapping[int, Mapping[str, float]]) -> "FoldTable":
+        folds = {int(fold): {k: float(v) for k, v in metrics.items()} for fold, metrics in sorted(per_fold.items())}
+        names = sorted({name for metrics in folds.values() for name in metrics})
+        mean, std = {}, {}
+        for name in names:
+            values = np.array([m[name] for m in folds.values() if name in m and math.isfinite(m[name])])
+            mean[name] = float(values.mean()) if values.size else math.nan
+            std[name] = float(values.std(ddof=1)) if values.size > 1 else math.nan
+        return cls(folds, names, mean, std)
+
+    def to_json(self) -> dict[str, Any]:
+        def clean(metrics: Mapping[str, float]) -> dict[str, float | None]:
+            return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}  # JSON has no NaN
+
+        return {"folds": {str(f): clean(m) for f, m in self.folds.items()}, "mean": clean(self.mean),
+                "std": clean(self.std)}
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["fold", *self.names])
+        rows = [(str(f), m) for f, m in self.folds.items()] + [("mean", self.mean), ("std", self.std)]
+        for label, metrics in rows:
+            writer.writerow([label, *(_csv_number(metrics.get(name, math.nan)) for name in self.names)])
+        return out.getvalue()
+
+
+def _csv_number(value: float) -> str:
+    return "" if not math.isfinite(value) else repr(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries over a sweep's runs
+
+
+def child_runs(experiment: Experiment, parent_run_id: str, extra_filter: str = "") -> list:
+    """Every (non-deleted) run nested under ``parent_run_id``, oldest first."""
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'" + (f" and {extra_filter}" if extra_filter else "")
+    runs, token = [], None
+    while True:
+        page = experiment.client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time ASC"],
+                                             page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_trial_run(experiment: Experiment, parent_run_id: str, trial_id: str):
+    """The latest run of ``trial_id`` under the parent, or None."""
+    runs = child_runs(experiment, parent_run_id, f"tags.{TRIAL_ID_TAG} = '{trial_id}'")
+    return runs[-1] if runs else None
+
+
+def close_unfinished_runs(experiment: Experiment, parent_run_id: str, status: str = KILLED,
+                          include_parent: bool = False) -> int:
+    """End every trial run of the sweep still RUNNING (and the parent too if asked): what a killed
+    driver or trial process left behind. Returns how many runs were ended."""
+    client = experiment.client
+    stragglers = [run.info.run_id for run in child_runs(experiment, parent_run_id, f"attributes.status = '{RUNNING}'")]
+    if include_parent and client.get_run(parent_run_id).info.status == RUNNING:
+        stragglers.append(parent_run_id)
+    for run_id in stragglers:
+        client.set_terminated(run_id, status)
+    return len(stragglers)
+
+
+def end_trial(experiment: Experiment, parent_run_id: str, trial_id: str, status: str = KILLED,
+              stopped_by: str | None = None) -> bool:
+    """End one trial's run from outside the trial (a Tune callback in the driver, after the
+    scheduler stopped it or its process died). True if a RUNNING run was ended."""
+    run = find_trial_run(experiment, parent_run_id, trial_id)
+    if run is None or run.info.status != RUNNING:
+        return False
+    if stopped_by:
+        experiment.client.set_tag(run.info.run_id, "stopped_by", stopped_by)
+    experiment.client.set_terminated(run.info.run_id, status)
+    return True
+
+
+_NOT_KEY_METRICS = ("train/", "time/")
+
+
+def leaderboard(experiment: Experiment, parent_run_id: str, objective: str = "objective", mode: str = "max"
+                ) -> list[dict[str, Any]]:
+    """The sweep's trials, best ``objective`` first (trials without one last), each with its run
+    id, status, params and key metrics (the last value of every metric but training losses and
+    timings)."""
+    assert mode in ("max", "min"), mode
+    rows = []
+    for run in child_runs(experiment, parent_run_id):
+        metrics = run.data.metrics
+        value = metrics.get(objective, math.nan)
+        rows.append({
+            "trial_id": run.data.tags.get(TRIAL_ID_TAG), "run_id": run.info.run_id, "name": run.info.run_name,
+            "status": run.info.status, "objective": value, "stopped_by": run.data.tags.get("stopped_by"),
+            "params": dict(run.data.params),
+            "metrics": {k: v for k, v in sorted(metrics.items()) if not k.startswith(_NOT_KEY_METRICS)},
+        })
+    sign = -1.0 if mode == "max" else 1.0
+    return sorted(rows, key=lambda row: (not math.isfinite(row["objective"]),
+                                         sign * row["objective"] if math.isfinite(row["objective"]) else 0.0))
