@@ -159,6 +159,7 @@ def test_trial_in_a_worker_thread_is_tracked_and_leaves_signal_handlers_alone(ex
     """Ray Tune runs a function trial in a thread, where Python refuses to install handlers."""
     sweep = start_sweep(experiment)
     errors: list[BaseException] = []
+    before = signal.getsignal(signal.SIGTERM)  # whatever an earlier test (ray.init) installed
 
     def trial_body():
         try:
@@ -170,7 +171,7 @@ def test_trial_in_a_worker_thread_is_tracked_and_leaves_signal_handlers_alone(ex
     worker = threading.Thread(target=trial_body)
     worker.start()
     worker.join()
-    assert not errors and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert not errors and signal.getsignal(signal.SIGTERM) is before
     assert leaderboard(experiment, sweep.run_id)[0]["status"] == "FINISHED"
 
 
