@@ -17,7 +17,9 @@ app = typer.Typer(
     name="hilbert",
     help="HILBERT: document-level audio-text embeddings from long recordings with transcripts.\n\n"
          "Typical flow: `hilbert demo-data` (or your own manifest) -> `hilbert validate` -> "
-         "`hilbert extract` (frozen-encoder features, cached once). `hilbert demo` runs the whole job.",
+         "`hilbert extract` (frozen-encoder features, cached once) -> `hilbert train` (k-fold CV on "
+         "Ray Train) -> `hilbert evaluate` / `predict` / `embed`. `hilbert demo` runs the whole job "
+         "on the bundled demo corpus.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
