@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -33,6 +34,16 @@ AUDIO_ENCODER_HELP = ("Speech encoder: `logmel` (log-mel + prosody, no weights),
                       "for wav2vec2/HuBERT/WavLM/Whisper, with options such as `?layer=6` or `?layer=avg`.")
 TEXT_ENCODER_HELP = ("Text encoder: `hashngram` (hashed n-grams, no weights), or `hf:<model id or folder>` "
                      "for BERT-family models (mean pooling), with options such as `?layer=-2`.")
+
+
+@contextmanager
+def _refusing(*kinds: type[BaseException], code: int = 2) -> Iterator[None]:
+    """Turn errors a user can cause (and fix) into their message on stderr and an exit code."""
+    try:
+        yield
+    except kinds as error:
+        errors.print(f"[red]{error}[/red]", highlight=False)
+        raise typer.Exit(code) from None
 
 
 def _exit_on_bad_manifest(path: Path) -> Manifest:
@@ -109,12 +120,9 @@ def extract(
     from hilbert.features.extract import ExtractionError, extract_features
 
     corpus = _exit_on_bad_manifest(manifest)
-    try:
+    with _refusing(ExtractionError, ValueError, code=1):
         report = extract_features(corpus, audio_encoder, text_encoder, cache, address=address,
                                   num_actors=actors, use_gpu=gpu, documents_per_batch=batch_documents)
-    except (ExtractionError, ValueError) as error:
-        errors.print(f"[red]{error}[/red]", highlight=False)
-        raise typer.Exit(1) from None
     feature_set = report.feature_set
     assert feature_set is not None
     console.print(f"audio {audio_encoder}: dim {feature_set.audio_dim}; text {text_encoder}: dim {feature_set.text_dim}")
@@ -134,12 +142,9 @@ def demo_data(
     """Write the synthetic demo corpus: speech-like audio, transcripts, imbalanced label tasks."""
     from hilbert.data.demo import DEMO_TASKS, write_demo_corpus
 
-    try:
+    with _refusing(ValueError):
         path = write_demo_corpus(out_dir, n_documents=documents, seed=seed, sample_rate=sample_rate,
                                  channels=channels, audio_format=audio_format)
-    except ValueError as error:
-        errors.print(f"[red]{error}[/red]", highlight=False)
-        raise typer.Exit(2) from None
     console.print(f"wrote {documents} documents: {path}")
     table = Table(title="demo tasks", title_justify="left")
     for column in ("task", "classes (share)", "carried by", "cue"):
@@ -197,7 +202,8 @@ def demo(
                                   train_config.data.cache_dir, address=address)
     console.print(extraction.throughput_line())
     console.rule("4. train: k-fold cross-validation on Ray Train")
-    result = run_cross_validation(train_config, address=address, log=console.print)
+    result = run_cross_validation(train_config, manifest=corpus, feature_set=extraction.feature_set,
+                                  address=address, log=console.print)
     print_cross_validation(result)
 
 
@@ -270,17 +276,12 @@ def train(
             overrides.setdefault(section, {})[key] = str(value) if isinstance(value, Path) else value
     if variants:
         overrides["variants"] = list(VARIANTS) if variants == "all" else [v.strip() for v in variants.split(",")]
-    try:
+    with _refusing(ConfigError):
         train_config = load_train_config(config, overrides)
-    except ConfigError as error:
-        errors.print(f"[red]{error}[/red]", highlight=False)
-        raise typer.Exit(2) from None
-    _exit_on_bad_manifest(Path(train_config.data.manifest))
-    try:
-        result = run_cross_validation(train_config, address=address, run_dir=output, log=console.print)
-    except (TrainingError, ValueError) as error:
-        errors.print(f"[red]{error}[/red]", highlight=False)
-        raise typer.Exit(1) from None
+    corpus = _exit_on_bad_manifest(Path(train_config.data.manifest))
+    with _refusing(TrainingError, ValueError, code=1):
+        result = run_cross_validation(train_config, manifest=corpus, address=address, run_dir=output,
+                                      log=console.print)
     print_cross_validation(result)
 
 
@@ -301,12 +302,9 @@ def evaluate(
     from hilbert.predict import ModelLocationError, evaluate_corpus, load_predictor
 
     corpus = _exit_on_bad_manifest(manifest)
-    try:
+    with _refusing(ModelLocationError, UnknownLabelError, FileNotFoundError):
         predictor = load_predictor(model)
         metrics = evaluate_corpus(predictor, corpus, cache, address=address)
-    except (ModelLocationError, UnknownLabelError, FileNotFoundError) as error:
-        errors.print(f"[red]{error}[/red]", highlight=False)
-        raise typer.Exit(2) from None
     table = Table(title=f"{model} on {manifest} ({len(predictor.models)} model(s))", title_justify="left")
     for column in ("task", "labelled", "AUC", "balanced accuracy", "macro F1"):
         table.add_column(column, justify="left" if column == "task" else "right")
@@ -332,12 +330,9 @@ def predict(
                                  write_parquet_atomically)
 
     corpus = _exit_on_bad_manifest(manifest)
-    try:
+    with _refusing(ModelLocationError, FileNotFoundError):
         predictor = load_predictor(model)
         _, probabilities = predict_probabilities(predictor, corpus, cache, address=address)
-    except (ModelLocationError, FileNotFoundError) as error:
-        errors.print(f"[red]{error}[/red]", highlight=False)
-        raise typer.Exit(2) from None
     write_parquet_atomically(predictions_table(corpus, predictor.label_maps, probabilities), out)
     console.print(f"predictions for {len(corpus)} documents written to {out}")
 
@@ -354,12 +349,9 @@ def embed(
     from hilbert.predict import ModelLocationError, embeddings_table, load_predictor, write_parquet_atomically
 
     corpus = _exit_on_bad_manifest(manifest)
-    try:
+    with _refusing(ModelLocationError, FileNotFoundError):
         predictor = load_predictor(model)
         table = embeddings_table(predictor, corpus, cache, address=address)
-    except (ModelLocationError, FileNotFoundError) as error:
-        errors.print(f"[red]{error}[/red]", highlight=False)
-        raise typer.Exit(2) from None
     write_parquet_atomically(table, out)
     console.print(f"embeddings of {len(corpus)} documents written to {out}")
 

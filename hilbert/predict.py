@@ -97,32 +97,42 @@ def _dataset(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, fe
     return DocumentFeatures(FeatureCache(cache_dir), feature_set, [d.doc_id for d in manifest], blank, max_segments)
 
 
+def _predict_with_every_model(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, *,
+                              address: str | None, with_labels: bool
+                              ) -> tuple[DocumentFeatures, list[dict[str, np.ndarray]]]:
+    """Each model's outputs (probabilities, embeddings, gates) over the corpus, in model order."""
+    feature_set = features_for(predictor, manifest, cache_dir, address=address)
+    dataset = _dataset(predictor, manifest, cache_dir, feature_set, with_labels)
+    return dataset, [predict_documents(model, dataset, torch.device("cpu")) for model, _ in predictor.models]
+
+
+def _mean_probabilities(predictor: Predictor, outputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {task: np.mean([output[f"probabilities/{task}"] for output in outputs], axis=0)
+            for task in predictor.label_maps.tasks}
+
+
 def predict_probabilities(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, *,
                           address: str | None = None, with_labels: bool = False
                           ) -> tuple[DocumentFeatures, dict[str, np.ndarray]]:
     """Class probabilities per task [documents, classes], averaged over the fold models."""
-    feature_set = features_for(predictor, manifest, cache_dir, address=address)
-    dataset = _dataset(predictor, manifest, cache_dir, feature_set, with_labels)
-    sums: dict[str, np.ndarray] = {}
-    for model, _ in predictor.models:
-        predicted = predict_documents(model, dataset, torch.device("cpu"))
-        for task in predictor.label_maps.tasks:
-            sums[task] = sums.get(task, 0) + predicted[f"probabilities/{task}"]
-    return dataset, {task: total / len(predictor.models) for task, total in sums.items()}
+    dataset, outputs = _predict_with_every_model(predictor, manifest, cache_dir, address=address,
+                                                 with_labels=with_labels)
+    return dataset, _mean_probabilities(predictor, outputs)
 
 
 def evaluate_corpus(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, *,
                     address: str | None = None) -> dict[str, float]:
     """Metrics of the model on a labelled corpus (unknown classes are refused, nulls ignored)."""
-    dataset, probabilities = predict_probabilities(predictor, manifest, cache_dir, address=address, with_labels=True)
+    dataset, outputs = _predict_with_every_model(predictor, manifest, cache_dir, address=address, with_labels=True)
     metrics: dict[str, float] = {}
-    for task, task_probabilities in probabilities.items():
+    for task, task_probabilities in _mean_probabilities(predictor, outputs).items():
         labels = np.array([row[task] for row in dataset.labels])
         metrics[f"{task}/labelled"] = float((labels >= 0).sum())
         for name, value in classification_metrics(labels, task_probabilities).items():
             metrics[f"{task}/{name}"] = value
-    model, _ = predictor.best_model()
-    metrics.update(embedding_diagnostics(predict_documents(model, dataset, torch.device("cpu"))))
+    # Embedding diagnostics of one model: fold models' embedding spaces are not comparable.
+    best = predictor.models.index(predictor.best_model())
+    metrics.update(embedding_diagnostics(outputs[best]))
     return metrics
 
 

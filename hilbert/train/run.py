@@ -22,7 +22,7 @@ import numpy as np
 from hilbert.config import to_dict
 from hilbert.data.manifest import Manifest, load_manifest
 from hilbert.features.batches import LabelMaps
-from hilbert.features.cache import FeatureCache, FeatureSet, atomic_write_json, file_sha256
+from hilbert.features.cache import FeatureCache, FeatureSet, atomic_write_json
 from hilbert.features.extract import extract_features
 from hilbert.train.baseline import logistic_regression_cv, mean_pooled_features
 from hilbert.train.config import TrainConfig
@@ -79,14 +79,20 @@ class CrossValidationResult:
                 "checkpoints": self.checkpoints, "seconds": self.seconds}
 
 
-def prepare_data(config: TrainConfig, *, address: str | None = None, log: Callable[[str], None] = print) -> PreparedData:
-    """Validate, extract (normally a cache hit), encode labels and fix the folds."""
-    manifest = load_manifest(config.data.manifest)
-    extraction = extract_features(manifest, config.data.audio_encoder, config.data.text_encoder,
-                                  config.data.cache_dir, address=address, progress=False)
-    if not extraction.cache_hit:
-        log(extraction.throughput_line())
-    assert extraction.feature_set is not None
+def prepare_data(config: TrainConfig, *, manifest: Manifest | None = None, feature_set: FeatureSet | None = None,
+                 address: str | None = None, log: Callable[[str], None] = print) -> PreparedData:
+    """Validate, extract (normally a cache hit), encode labels and fix the folds.
+
+    A caller that has already validated the corpus or extracted its features passes them in.
+    """
+    manifest = manifest if manifest is not None else load_manifest(config.data.manifest)
+    if feature_set is None:
+        extraction = extract_features(manifest, config.data.audio_encoder, config.data.text_encoder,
+                                      config.data.cache_dir, address=address, progress=False)
+        if not extraction.cache_hit:
+            log(extraction.throughput_line())
+        assert extraction.feature_set is not None
+        feature_set = extraction.feature_set
     label_maps = LabelMaps.from_manifest(manifest, config.data.tasks)
     for task, classes in label_maps.classes.items():
         if task not in manifest.tasks:
@@ -96,20 +102,19 @@ def prepare_data(config: TrainConfig, *, address: str | None = None, log: Callab
     if not label_maps.tasks:
         raise TrainingError(f"{manifest.path} has no labels: supervised training needs at least one task")
     labels = {doc.doc_id: label_maps.encode(doc) for doc in manifest}
-    split = load_or_make_split(_split_path(config, manifest), manifest, config.cv.folds,
+    split = load_or_make_split(_split_path(config, manifest, feature_set.manifest_sha256), manifest, config.cv.folds,
                                stratify=config.cv.stratify, seed=config.cv.seed)
     smallest_train = min(len(split.train_ids(f)) for f in range(split.k))
     if smallest_train < 4:
         raise TrainingError(f"a training fold holds {smallest_train} documents; at least 4 are needed (lower cv.folds)")
-    return PreparedData(manifest, extraction.feature_set, label_maps, labels, split)
+    return PreparedData(manifest, feature_set, label_maps, labels, split)
 
 
-def _split_path(config: TrainConfig, manifest: Manifest) -> Path:
+def _split_path(config: TrainConfig, manifest: Manifest, manifest_sha256: str) -> Path:
     if config.cv.split_file:
         return Path(config.cv.split_file)
     stratify = config.cv.stratify or (config.data.tasks or manifest.tasks or ["none"])[0]
-    digest = file_sha256(manifest.path)[:12]
-    return Path(config.data.cache_dir) / "splits" / f"{digest}-k{config.cv.folds}-{stratify}-s{config.cv.seed}.json"
+    return Path(config.data.cache_dir) / "splits" / f"{manifest_sha256[:12]}-k{config.cv.folds}-{stratify}-s{config.cv.seed}.json"
 
 
 def make_plan(config: TrainConfig, data: PreparedData, variant: str) -> dict[str, Any]:
@@ -144,12 +149,13 @@ def build_trainer(plan: dict[str, Any], config: TrainConfig, run_name: str, stor
     )
 
 
-def run_cross_validation(config: TrainConfig, *, address: str | None = None, run_dir: Path | None = None,
-                         log: Callable[[str], None] = print) -> CrossValidationResult:
+def run_cross_validation(config: TrainConfig, *, manifest: Manifest | None = None,
+                         feature_set: FeatureSet | None = None, address: str | None = None,
+                         run_dir: Path | None = None, log: Callable[[str], None] = print) -> CrossValidationResult:
     """Train every variant of ``config`` under k-fold CV on Ray Train, plus the baseline."""
     from hilbert.ray_runtime import connect
 
-    data = prepare_data(config, address=address, log=log)
+    data = prepare_data(config, manifest=manifest, feature_set=feature_set, address=address, log=log)
     run_dir = Path(run_dir or Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1) + "\n", encoding="utf-8")
