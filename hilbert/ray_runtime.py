@@ -49,3 +49,17 @@ def _bind_to_loopback() -> None:
     except ImportError:
         return
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def dashboard_url() -> str | None:
+    """``http://host:port`` of the Ray dashboard of the connected cluster, when it runs one."""
+    import ray
+
+    try:
+        url = ray._private.worker.get_dashboard_url()  # public in spirit: what ray.init prints
+    except Exception:  # an older or newer Ray without it: no link rather than no sweep
+        return None
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
+

@@ -14,7 +14,7 @@ import pytest
 from hilbert.config import from_dict
 from hilbert.train.checkpoint import load_model
 from hilbert.train.config import TrainConfig
-from hilbert.train.run import _collect, build_trainer
+from hilbert.train.run import collect_fold_models, build_trainer
 from test_training import synthetic_plan
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def test_two_worker_ddp_run_trains_every_fold_and_checkpoints(local_ray, tmp_pat
     fit = build_trainer(plan, two_worker_config(plan), "ddp", tmp_path / "ray").fit()
     assert fit.error is None
     assert fit.metrics["epoch"] == 2 and fit.metrics["objective"] > 0.7
-    folds, folder = _collect(fit, tmp_path / "models")
+    folds, folder = collect_fold_models(fit, tmp_path / "models")
     assert sorted(folds) == [0, 1] and all(f["loud/auc"] > 0.7 for f in folds.values())
     model, info = load_model(Path(folder) / "fold_0")
     assert info.label_maps.tasks == ["loud", "topic"] and info.training["variant"] == "hilbert"

@@ -81,9 +81,17 @@ class Parameter:
 class Objective:
     """What the sweep maximises: the mean over folds of per-task macro AUC, weighted over tasks."""
 
-    tasks: list[str] | None = None  # default: every task of the corpus
+    tasks: list[str] | None = None  # default: every task of the corpus (or the tasks of `weights`)
     weights: dict[str, float] | None = None  # task -> weight (default: equal)
     mode: Literal["max"] = "max"
+
+    def __post_init__(self):
+        if self.weights is not None:
+            if any(not isinstance(w, (int, float)) or w < 0 for w in self.weights.values()) or not sum(self.weights.values()):
+                raise ConfigError("objective.weights: non-negative numbers, not all zero")
+            if self.tasks and set(self.weights) - set(self.tasks):
+                raise ConfigError(f"objective.weights names tasks outside objective.tasks: "
+                                  f"{sorted(set(self.weights) - set(self.tasks))}")
 
 
 @dataclass
@@ -158,7 +166,27 @@ class SweepConfig:
                 target = target.setdefault(part, {})
             target[rest[-1]] = value
         config = from_dict(TrainConfig, data)
-        return dataclasses.replace(config, variants=["hilbert"], baseline=False)
+        resources = self.resources
+        scaling = dataclasses.replace(config.scaling, num_workers=resources.workers_per_trial,
+                                      cpus_per_worker=resources.cpus_per_worker, use_gpu=resources.gpus_per_worker > 0,
+                                      gpus_per_worker=resources.gpus_per_worker or config.scaling.gpus_per_worker)
+        optimization = config.optimization
+        if self.objective.tasks or self.objective.weights:
+            optimization = dataclasses.replace(optimization, objective_tasks=self.objective.tasks,
+                                               objective_weights=self.objective.weights)
+        return dataclasses.replace(config, variants=["hilbert"], baseline=False, scaling=scaling,
+                                   optimization=optimization)
+
+    def trial_values(self, sampled: dict[str, Any]) -> dict[str, Any]:
+        """Config values for what the searcher sampled (choices are sampled as indices)."""
+        return {key: self.search[key].value(value) for key, value in sampled.items()}
+
+    def encoder_pairs(self) -> list[tuple[str, str]]:
+        """Every [audio, text] encoder pair a trial may use (the base pair when not searched)."""
+        assert self.base_config is not None
+        if ENCODER_PAIR in self.search:
+            return [tuple(pair) for pair in self.search[ENCODER_PAIR].values or []]  # type: ignore[misc]
+        return [(self.base_config.data.audio_encoder, self.base_config.data.text_encoder)]
 
 
 def load_sweep(path: str | Path) -> SweepConfig:

@@ -16,6 +16,7 @@ description.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -109,24 +110,45 @@ def stage_model(checkpoint_dir: str | Path, destination: Path) -> dict[str, Any]
     return described
 
 
-def register_checkpoint(run_id: str, checkpoint_dir: str | Path, model_name: str, alias: str | None = CHALLENGER,
-                        description: str | None = None, *, tracking_uri: str | None = None) -> str:
-    """Log a checkpoint (or fold folder) as ``model/`` of run ``run_id``, register it as a new
-    version of ``model_name`` (created if missing), point ``alias`` at it; returns the version."""
+def log_model(run_id: str, checkpoint_dir: str | Path, *, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Log a checkpoint (or fold folder) as ``model/`` of run ``run_id`` (inference files and
+    ``signature.json``); returns the signature."""
     _, client = registry_client(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="hilbert-register-") as staging:
         described = stage_model(checkpoint_dir, Path(staging))
         _refuse_stale_files(client, run_id, Path(staging))
         client.log_artifacts(run_id, staging, MODEL_FOLDER)
+    return described
+
+
+def register_logged_model(run_id: str, model_name: str, alias: str | None = CHALLENGER, description: str | None = None,
+                          *, tracking_uri: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """Register the ``model/`` that run ``run_id`` logged as a new version of ``model_name``
+    (created if missing) and point ``alias`` at it; returns the version."""
+    store, client = registry_client(tracking_uri)
+    if not _artifact_files(client, run_id, MODEL_FOLDER):
+        raise RegistryError(f"run {run_id} has no {MODEL_FOLDER}/ artifact to register")
+    with tempfile.TemporaryDirectory(prefix="hilbert-register-") as folder:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{client.get_run(run_id).info.artifact_uri}/"
+                                                    f"{MODEL_FOLDER}/signature.json", dst_path=folder, tracking_uri=store)
+        described = json.loads(Path(local).read_text(encoding="utf-8"))
     _ensure_registered_model(client, model_name)
     version = client.create_model_version(
         model_name, source=f"{client.get_run(run_id).info.artifact_uri}/{MODEL_FOLDER}", run_id=run_id,
         description=description or f"hilbert model of run {run_id}: {described['folds']} fold model(s), tasks "
                                    f"{', '.join(described['outputs']['probabilities'])}",
-        tags={"format": SIGNATURE_FORMAT, "folds": str(described["folds"])})
+        tags={"format": SIGNATURE_FORMAT, "folds": str(described["folds"]), **(tags or {})})
     if alias:
         client.set_registered_model_alias(model_name, alias, version.version)
     return str(version.version)
+
+
+def register_checkpoint(run_id: str, checkpoint_dir: str | Path, model_name: str, alias: str | None = CHALLENGER,
+                        description: str | None = None, *, tracking_uri: str | None = None) -> str:
+    """Log a checkpoint (or fold folder) as ``model/`` of run ``run_id``, register it as a new
+    version of ``model_name`` (created if missing), point ``alias`` at it; returns the version."""
+    log_model(run_id, checkpoint_dir, tracking_uri=tracking_uri)
+    return register_logged_model(run_id, model_name, alias, description, tracking_uri=tracking_uri)
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:

@@ -461,7 +461,14 @@ class TrialTracker(_TrackedRun):
         self.stopped_by = by
 
     def end(self, status: str = FINISHED) -> None:
-        if self.stopped_by and not self._ended and self.run_id is not None:
+        """End the run unless the sweep's driver already did (a scheduler stop ends it KILLED from
+        there while this process is being stopped: that verdict stands)."""
+        if self._ended or self.run_id is None:
+            return
+        if self.experiment.client.get_run(self.run_id).info.status != RUNNING:
+            self._ended = True
+            return
+        if self.stopped_by:
             self.experiment.client.set_tag(self.run_id, "stopped_by", self.stopped_by)
         super().end(status)
 

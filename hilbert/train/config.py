@@ -70,12 +70,15 @@ class OptimizationConfig:
     mixed_precision: bool = True  # bf16 autocast, on GPU only
     class_weighting: Literal["balanced", "none"] = "balanced"
     objective_tasks: list[str] | None = None  # tasks whose mean AUC picks the best epoch (default: all)
+    objective_weights: dict[str, float] | None = None  # task -> weight of its AUC in that mean (default: equal)
     seed: int = 0
 
     def __post_init__(self):
         checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 2, "learning_rate": self.learning_rate > 0,
                   "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0, "patience": self.patience >= 1,
-                  "warmup_epochs": self.warmup_epochs >= 0}
+                  "warmup_epochs": self.warmup_epochs >= 0,
+                  "objective_weights": all(w >= 0 for w in (self.objective_weights or {}).values())
+                  and (not self.objective_weights or sum(self.objective_weights.values()) > 0)}
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"optimization.{name} is out of range: {getattr(self, name)!r}")

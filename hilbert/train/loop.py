@@ -311,10 +311,13 @@ def embedding_diagnostics(predicted: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def _objective_score(metrics: dict[str, float], config: TrainConfig, tasks: list[str]) -> float:
-    chosen = config.optimization.objective_tasks or tasks
-    values = [metrics.get(f"{task}/auc", math.nan) for task in chosen]
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.mean(values)) if values else math.nan
+    """Weighted mean macro AUC over the objective's tasks (a task with an undefined AUC is left out)."""
+    weights = config.optimization.objective_weights or {}
+    chosen = config.optimization.objective_tasks or (list(weights) if weights else tasks)
+    pairs = [(metrics.get(f"{task}/auc", math.nan), weights.get(task, 1.0) if weights else 1.0) for task in chosen]
+    pairs = [(value, weight) for value, weight in pairs if not math.isnan(value) and weight > 0]
+    total = sum(weight for _, weight in pairs)
+    return float(sum(value * weight for value, weight in pairs) / total) if total > 0 else math.nan
 
 
 def _update_early_stopping(run: FoldRun, epoch: int, config: TrainConfig, context: WorkerContext) -> None:
@@ -336,7 +339,8 @@ def _update_early_stopping(run: FoldRun, epoch: int, config: TrainConfig, contex
 
 def _epoch_metrics(runs: list[FoldRun], epoch: int) -> dict[str, Any]:
     """One flat dict per epoch: means over folds of training losses and validation metrics."""
-    metrics: dict[str, Any] = {"epoch": epoch, "active_folds": sum(not r.done for r in runs)}
+    # epochs_completed counts from 1 whatever the resume point: the time axis of Tune's schedulers.
+    metrics: dict[str, Any] = {"epoch": epoch, "epochs_completed": epoch + 1, "active_folds": sum(not r.done for r in runs)}
     best = [r.best_score for r in runs if r.best_score > -math.inf]
     metrics["objective"] = float(np.mean(best)) if best else math.nan  # mean over folds of best-so-far
     for prefix, source in (("train", "last_train"), ("val", "last_validation")):

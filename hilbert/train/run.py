@@ -101,6 +101,13 @@ def prepare_data(config: TrainConfig, *, manifest: Manifest | None = None, featu
             raise TrainingError(f"task {task!r} has {len(classes)} class(es) in {manifest.path}: it needs at least 2")
     if not label_maps.tasks:
         raise TrainingError(f"{manifest.path} has no labels: supervised training needs at least one task")
+    optimization = config.optimization
+    for field_name, named in (("objective_tasks", optimization.objective_tasks or []),
+                              ("objective_weights", list(optimization.objective_weights or {}))):
+        unknown = sorted(set(named) - set(label_maps.tasks))
+        if unknown:
+            raise TrainingError(f"optimization.{field_name}: {', '.join(map(repr, unknown))} not among the tasks "
+                                f"trained ({', '.join(label_maps.tasks)})")
     labels = {doc.doc_id: label_maps.encode(doc) for doc in manifest}
     split = load_or_make_split(_split_path(config, manifest, feature_set.manifest_sha256), manifest, config.cv.folds,
                                stratify=config.cv.stratify, seed=config.cv.seed)
@@ -125,8 +132,13 @@ def make_plan(config: TrainConfig, data: PreparedData, variant: str) -> dict[str
             "folds": list(range(data.split.k))}
 
 
-def build_trainer(plan: dict[str, Any], config: TrainConfig, run_name: str, storage_path: Path):
-    """A Ray Train ``TorchTrainer`` for one variant (DDP over ``scaling.num_workers`` workers)."""
+def build_trainer(plan: dict[str, Any], config: TrainConfig, run_name: str, storage_path: Path | str,
+                  callbacks: list | None = None):
+    """A Ray Train ``TorchTrainer`` for one variant (DDP over ``scaling.num_workers`` workers).
+
+    A run of the same ``run_name`` under ``storage_path`` that has checkpoints is resumed from
+    the latest (Ray Train V2 restores its state from storage).
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -143,10 +155,16 @@ def build_trainer(plan: dict[str, Any], config: TrainConfig, run_name: str, stor
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(storage_path.resolve()),
+            name=run_name, storage_path=_storage(storage_path), callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
+
+
+def _storage(path: Path | str) -> str:
+    """Ray's storage_path: a URI (s3://, gs://, ...) as it is, a local path made absolute."""
+    text = str(path)
+    return text if "://" in text else str(Path(text).resolve())
 
 
 def run_cross_validation(config: TrainConfig, *, manifest: Manifest | None = None,
@@ -170,7 +188,7 @@ def run_cross_validation(config: TrainConfig, *, manifest: Manifest | None = Non
             fit = trainer.fit()
         except Exception as error:  # Ray wraps worker errors; keep the message that names the cause
             raise TrainingError(f"variant {variant!r} failed: {error}") from error
-        result.methods[variant], result.checkpoints[variant] = _collect(fit, run_dir / variant)
+        result.methods[variant], result.checkpoints[variant] = collect_fold_models(fit, run_dir / variant)
         result.seconds[variant] = time.perf_counter() - started
     if config.baseline:
         started = time.perf_counter()
@@ -181,7 +199,7 @@ def run_cross_validation(config: TrainConfig, *, manifest: Manifest | None = Non
     return result
 
 
-def _collect(fit, destination: Path) -> tuple[dict[int, dict[str, float]], str]:
+def collect_fold_models(fit, destination: Path) -> tuple[dict[int, dict[str, float]], str]:
     """Fold metrics from the final checkpoint, and its best fold models copied to ``destination``."""
     if fit.checkpoint is None:
         raise TrainingError("the run reported no checkpoint")

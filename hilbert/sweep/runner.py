@@ -1,0 +1,545 @@
+"""Sweeps on Ray Tune: Optuna proposes, ASHA prunes, each trial is a k-fold Ray Train DDP run,
+MLflow records everything, and the best trial's model is registered as the ``challenger``.
+
+Who runs where:
+
+- the **driver** (``hilbert sweep``) validates the corpus, makes sure the features of every
+  encoder pair are cached, fixes the folds, opens the sweep's parent MLflow run and runs the
+  ``Tuner``. Its :class:`TrialRunsCallback` logs every epoch a trial reports and ends trial runs
+  the trials cannot end themselves: stopped by the scheduler (KILLED) or crashed (FAILED).
+- a **trial** (:func:`hilbert_trial`, a Tune function trainable) opens its child run, builds a
+  ``TorchTrainer`` whose workers train every fold in lockstep and report one result per epoch
+  through ``TuneReportCallback``, then logs the fold table, figures and the model (safetensors +
+  JSON) to its run.
+
+Resources: a trial asks Tune for no CPU (only a token of memory, since Tune refuses an empty
+bundle); its Train workers ask for ``workers_per_trial x cpus_per_worker``. A trial that also
+held a CPU would, on a 2-CPU machine, wait forever for workers that cannot be placed next to it.
+Concurrency is capped so that the trials' workers fit the cluster.
+
+Resuming: Tune's experiment state (with the Optuna study inside the searcher's state), each
+trial's Train checkpoints and ``sweep.json`` (the parent run, the tracking store) live in the
+sweep folder. ``hilbert sweep --resume NAME`` restores the Tuner; finished trials are kept,
+unfinished ones continue from their last epoch checkpoint (a Train run of the same name resumes
+from storage), and with ``retry_failed`` errored ones run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from hilbert.config import from_dict, to_dict
+from hilbert.sweep.config import SweepConfig, load_sweep
+from hilbert.sweep.tracking import (FAILED, FINISHED, KILLED, Experiment, SweepTracker, TrialTracker, end_trial,
+                                    find_trial_run, leaderboard, resolve_tracking_uri)
+from hilbert.train.config import TrainConfig
+
+STATE_FILE = "sweep.json"
+OBJECTIVE = "objective"
+TIME_ATTR = "epochs_completed"
+# What a trial reports that belongs in MLflow (Tune adds pids, hostnames, timestamps, ...).
+_REPORTED = ("objective", "epoch", "active_folds")
+_REPORTED_PREFIXES = ("val/", "train/", "time/")
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start or resume as asked (the message says what to change)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a sweep keeps its state
+
+
+@dataclass(frozen=True)
+class SweepFolder:
+    """``<output_dir>/sweeps/<name>/``: ``sweep.json``, Tune's state (``tune/``), the trials'
+    Train checkpoints (``train/``) and their best fold models (``trials/<trial_id>/model``)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, sweeps_dir: str | Path, name: str) -> "SweepFolder":
+        return cls(Path(sweeps_dir).resolve() / name)
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / STATE_FILE
+
+    @property
+    def tune(self) -> Path:
+        return self.root / "tune"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def trials(self) -> Path:
+        return self.root / "trials"
+
+
+def sweeps_dir_for(config: TrainConfig) -> Path:
+    return Path(config.output_dir) / "sweeps"
+
+
+@dataclass
+class SweepState:
+    """What ``sweep.json`` holds: enough to resume without the YAML files."""
+
+    name: str
+    sweep: dict[str, Any]
+    base_config: dict[str, Any]
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    created: str
+    registered_version: str | None = None
+    registered_run_id: str | None = None
+
+    def sweep_config(self) -> SweepConfig:
+        sweep = from_dict(SweepConfig, self.sweep)
+        sweep.base_config = from_dict(TrainConfig, self.base_config)
+        return sweep
+
+    def write(self, folder: SweepFolder) -> None:
+        from hilbert.features.cache import atomic_write_json
+
+        atomic_write_json(folder.state_file, dataclasses.asdict(self))
+
+    @classmethod
+    def read(cls, folder: SweepFolder) -> "SweepState":
+        try:
+            return cls(**json.loads(folder.state_file.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise SweepError(f"no sweep at {folder.root} (no {STATE_FILE}): check the name and --sweeps-dir") from None
+        except (json.JSONDecodeError, TypeError) as error:
+            raise SweepError(f"{folder.state_file} is unreadable ({error})") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial (runs in a Tune actor)
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial shares (sent once through Ray's object store)."""
+
+    sweep: SweepConfig
+    plans: dict[str, dict[str, Any]]  # encoder pair key -> training plan (the config is replaced per trial)
+    classes: dict[str, list[str]]
+    experiment: Experiment
+    parent_run_id: str
+    folder: SweepFolder
+
+
+def pair_key(audio_encoder: str, text_encoder: str) -> str:
+    return f"{audio_encoder}|{text_encoder}"
+
+
+def trial_run_name(trial_id: str) -> str:
+    """``trial-3f2a1c04`` for Tune's trial id ``3f2a1c04``: what the terminal and MLflow show."""
+    return f"trial-{trial_id}"
+
+
+def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
+    """Train one configuration under k-fold CV on Ray Train and log it to the trial's run."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from hilbert.sweep.diagnostics import out_of_fold_outputs, trial_figures
+    from hilbert.sweep.registry import log_model
+    from hilbert.train.run import build_trainer, collect_fold_models
+
+    trial_id = tune.get_context().get_trial_id()
+    values = setup.sweep.trial_values(_unflatten_keys(sampled))
+    config = setup.sweep.trial_config(values)
+    plan = {**setup.plans[pair_key(config.data.audio_encoder, config.data.text_encoder)],
+            "config": to_dict(config.variant("hilbert"))}
+    # Every hyperparameter of the trial: the searched values, then the whole training config.
+    params = {**values, "config": to_dict(config.variant("hilbert"))}
+    with TrialTracker(setup.experiment, setup.parent_run_id, trial_id, params, name=trial_run_name(trial_id)) as run:
+        # Same Train run name on every attempt: a restarted trial resumes from its last epoch.
+        trainer = build_trainer(plan, config, trial_id, setup.folder.train, callbacks=[TuneReportCallback()])
+        fit = trainer.fit()
+        per_fold, models = collect_fold_models(fit, setup.folder.trials / trial_id / "model")
+        run.log_fold_table(per_fold)
+        outputs = out_of_fold_outputs(Path(models), plan)
+        run.log_figures(trial_figures(outputs, setup.classes))
+        log_model(run.run_id, models, tracking_uri=setup.experiment.uri)
+
+
+def _unflatten_keys(sampled: dict[str, Any]) -> dict[str, Any]:
+    """Tune hands the sampled values back as given (dotted keys); a nested dict (should Tune
+    unflatten ``a/b`` keys) is flattened back to dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in sampled.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in _unflatten_keys(value).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver's view of trials: MLflow runs and a line per finished trial
+
+
+def _callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class TrialRunsCallback(_callback_base()):
+    """Per-epoch metrics into each trial's run, and the end state the trial could not write.
+
+    A result that Tune marks ``done`` before the trial returned means a scheduler (ASHA) stopped
+    the trial: its run ends KILLED, tagged ``stopped_by``. A trial that errors ends FAILED with
+    the error in a tag (a run is created for it if it died before opening one).
+    """
+
+    def __init__(self, experiment: Experiment, parent_run_id: str, scheduler: str,
+                 print_line: Callable[[str], None] | None = print):
+        self.experiment = experiment
+        self.parent_run_id = parent_run_id
+        self.scheduler = scheduler
+        self.print_line = print_line
+        self._run_ids: dict[str, str] = {}
+        self._stopped: set[str] = set()
+        self._best: tuple[float, str] | None = None
+
+    def _run_id(self, trial_id: str) -> str | None:
+        if trial_id not in self._run_ids:
+            run = find_trial_run(self.experiment, self.parent_run_id, trial_id)
+            if run is None:
+                return None
+            self._run_ids[trial_id] = run.info.run_id
+        return self._run_ids[trial_id]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        trial_id = trial.trial_id
+        run_id = self._run_id(trial_id)
+        if run_id is not None:
+            metrics = {k: v for k, v in result.items() if k in _REPORTED or k.startswith(_REPORTED_PREFIXES)}
+            tracker = TrialTracker(self.experiment, self.parent_run_id, trial_id)
+            tracker.run_id = run_id
+            tracker.log_epoch(metrics, step=int(result.get("epoch", result.get("training_iteration", 0))))
+        value = result.get(OBJECTIVE)
+        if isinstance(value, (int, float)) and math.isfinite(value) and (self._best is None or value > self._best[0]):
+            self._best = (float(value), trial_id)
+        if result.get("done"):
+            self._stopped.add(trial_id)
+            end_trial(self.experiment, self.parent_run_id, trial_id, KILLED, stopped_by=self.scheduler)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        stopped = trial.trial_id in self._stopped
+        end_trial(self.experiment, self.parent_run_id, trial.trial_id, KILLED if stopped else FINISHED,
+                  stopped_by=self.scheduler if stopped else None)
+        epochs = (trial.last_result or {}).get(TIME_ATTR, "?")
+        objective = (trial.last_result or {}).get(OBJECTIVE, math.nan)
+        self._say(f"{trial_run_name(trial.trial_id)} {'stopped by ' + self.scheduler if stopped else 'finished'} "
+                  f"after {epochs} epoch(s): objective {objective:.4f}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        message = _error_summary(trial)
+        if not end_trial(self.experiment, self.parent_run_id, trial.trial_id, FAILED):
+            if find_trial_run(self.experiment, self.parent_run_id, trial.trial_id) is None:
+                # Died before opening its run: record the failure anyway.
+                with TrialTracker(self.experiment, self.parent_run_id, trial.trial_id, _config_of(trial),
+                                  name=trial_run_name(trial.trial_id)) as tracker:
+                    tracker.end(FAILED)
+        run = find_trial_run(self.experiment, self.parent_run_id, trial.trial_id)
+        if run is not None:
+            self.experiment.client.set_tag(run.info.run_id, "error", message[:5000])
+        self._say(f"{trial_run_name(trial.trial_id)} FAILED: {message.splitlines()[-1] if message else 'no message'}")
+
+    def _say(self, line: str) -> None:
+        if self.print_line is None:
+            return
+        best = f" | best so far {self._best[0]:.4f} ({trial_run_name(self._best[1])})" if self._best else ""
+        self.print_line(line + best)
+
+
+def _config_of(trial) -> dict[str, Any]:
+    return dict(getattr(trial, "config", {}) or {})
+
+
+def _error_summary(trial) -> str:
+    """The error a trial raised, as text (Tune keeps it in a file beside the trial's state)."""
+    for attribute in ("error_msg", "error_message"):
+        text = getattr(trial, attribute, None)
+        if isinstance(text, str) and text:
+            return text
+    path = getattr(trial, "error_file", None)
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace").strip() if path else ""
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+@dataclass
+class SweepResult:
+    name: str
+    folder: Path
+    tracking_uri: str
+    experiment: Experiment
+    parent_run_id: str
+    rows: list[dict[str, Any]]  # the leaderboard, best first
+    best: dict[str, Any] | None
+    model_name: str
+    model_version: str | None
+    seconds: float
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        return counts
+
+
+def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, resume: str | None = None,
+              sweeps_dir: str | Path | None = None, address: str | None = None, tracking_uri: str | None = None,
+              retry_failed: bool = False, manifest=None, feature_sets: dict | None = None,
+              log: Callable[[str], None] = print) -> SweepResult:
+    """Run (or, with ``resume=NAME``, continue) a sweep; returns its leaderboard and the model
+    version registered as ``challenger``.
+
+    ``sweep_file`` is a ``tune/*.yaml``; when resuming it may be left out (``sweep.json`` in the
+    sweep folder holds the definition). ``sweeps_dir`` defaults to ``<output_dir>/sweeps`` of
+    the base config (``runs/sweeps`` when resuming without a file).
+    """
+    started = time.perf_counter()
+    if resume:
+        folder, state = _locate(resume, sweep_file, sweeps_dir)
+        sweep = state.sweep_config()
+    else:
+        if sweep_file is None:
+            raise SweepError("name a sweep file (tune/*.yaml), or --resume NAME")
+        sweep = load_sweep(sweep_file)
+        assert sweep.base_config is not None
+        name = name or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder = SweepFolder.of(sweeps_dir or sweeps_dir_for(sweep.base_config), name)
+        if folder.state_file.exists():
+            raise SweepError(f"a sweep named {name!r} exists at {folder.root}: continue it with --resume {name} "
+                             "or pick another --name")
+        state = None
+    assert sweep.base_config is not None
+    uri = (state.tracking_uri if state else
+           resolve_tracking_uri(tracking_uri or sweep.tracking.uri, Path(sweep.base_config.output_dir)))
+    if state and tracking_uri and tracking_uri != state.tracking_uri:
+        raise SweepError(f"sweep {resume!r} logs to {state.tracking_uri}; it cannot move to {tracking_uri}")
+
+    prepared = _prepare(sweep, manifest=manifest, feature_sets=feature_sets, address=address, log=log)
+    experiment = Experiment.open(uri, state.experiment if state else sweep.tracking.experiment)
+    if state is None:
+        tracker = SweepTracker.start(
+            experiment, folder.root.name, search_space={k: dataclasses.asdict(p) for k, p in sweep.search.items()},
+            objective=dataclasses.asdict(sweep.objective), manifest_fingerprint=prepared.manifest_sha256,
+            encoders=prepared.encoder_keys, config={"sweep": to_dict(sweep), "base": to_dict(sweep.base_config)},
+            tags={"sweep_folder": str(folder.root)})
+        state = SweepState(folder.root.name, to_dict(sweep), to_dict(sweep.base_config), uri, experiment.name,
+                           tracker.run_id, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        folder.root.mkdir(parents=True, exist_ok=True)
+        state.write(folder)
+    else:
+        tracker = SweepTracker.attach(experiment, state.parent_run_id)
+    log(f"sweep {state.name}: folder {folder.root}; MLflow {uri}, experiment {experiment.name!r}, "
+        f"parent run {state.parent_run_id}")
+
+    with tracker:
+        _run_tuner(sweep, prepared, TrialSetup(sweep, prepared.plans, prepared.classes, experiment,
+                                               state.parent_run_id, folder),
+                   folder, address=address, resuming=resume is not None, retry_failed=retry_failed, log=log)
+        rows = leaderboard(experiment, state.parent_run_id, OBJECTIVE)
+        best, version = _register_best(sweep, state, folder, experiment, rows, log)
+        _summarise_in_parent(tracker, rows, best, version)
+    return SweepResult(state.name, folder.root, uri, experiment, state.parent_run_id, rows, best,
+                       sweep.tracking.model_name, version, time.perf_counter() - started)
+
+
+def _locate(name: str, sweep_file: str | Path | None, sweeps_dir: str | Path | None) -> tuple[SweepFolder, SweepState]:
+    if sweeps_dir is None:
+        sweeps_dir = sweeps_dir_for(load_sweep(sweep_file).base_config) if sweep_file else Path("runs") / "sweeps"  # type: ignore[arg-type]
+    folder = SweepFolder.of(sweeps_dir, name)
+    return folder, SweepState.read(folder)
+
+
+@dataclass
+class _Prepared:
+    plans: dict[str, dict[str, Any]]
+    classes: dict[str, list[str]]
+    manifest_sha256: str
+    encoder_keys: dict[str, Any]
+
+
+def _prepare(sweep: SweepConfig, *, manifest, feature_sets, address, log) -> _Prepared:
+    """Validate the corpus once; cache the features of every encoder pair; one plan per pair."""
+    from hilbert.data.manifest import load_manifest
+    from hilbert.train.run import make_plan, prepare_data
+
+    assert sweep.base_config is not None
+    base = sweep.trial_config({})
+    manifest = manifest if manifest is not None else load_manifest(base.data.manifest)
+    plans, encoder_keys, data = {}, {}, None
+    for audio_encoder, text_encoder in sweep.encoder_pairs():
+        key = pair_key(audio_encoder, text_encoder)
+        config = dataclasses.replace(base, data=dataclasses.replace(base.data, audio_encoder=audio_encoder,
+                                                                     text_encoder=text_encoder))
+        data = prepare_data(config, manifest=manifest, feature_set=(feature_sets or {}).get(key),
+                            address=address, log=log)
+        plans[key] = make_plan(config, data, "hilbert")
+        encoder_keys[key] = {"audio": data.feature_set.audio_encoder, "text": data.feature_set.text_encoder,
+                             "feature_set": data.feature_set.id}
+    assert data is not None
+    return _Prepared(plans, data.label_maps.classes, data.feature_set.manifest_sha256, encoder_keys)
+
+
+def _run_tuner(sweep: SweepConfig, prepared: _Prepared, setup: TrialSetup, folder: SweepFolder, *,
+               address: str | None, resuming: bool, retry_failed: bool, log: Callable[[str], None]) -> None:
+    from ray import tune
+
+    from hilbert.ray_runtime import connect, dashboard_url
+
+    resources = connect(address)
+    concurrency = _fitting_concurrency(sweep, resources, local=address in (None, "", "local"), log=log)
+    url = dashboard_url()
+    if url:
+        log(f"Ray dashboard: {url}")
+    trainable = tune.with_resources(tune.with_parameters(hilbert_trial, setup=setup),
+                                    # No CPU for the trial itself (see the module docstring); Tune
+                                    # refuses an empty bundle, hence a token of memory.
+                                    {"cpu": 0, "memory": 1024 ** 2})
+    if resuming and tune.Tuner.can_restore(str(folder.tune)):
+        log(f"resuming: finished trials are kept{', failed ones run again' if retry_failed else ''}")
+        tuner = tune.Tuner.restore(str(folder.tune), trainable, resume_unfinished=True, resume_errored=retry_failed)
+    else:
+        callback = TrialRunsCallback(setup.experiment, setup.parent_run_id, sweep.scheduler.type, print_line=log)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=_searcher(sweep), scheduler=_scheduler(sweep),
+                                        num_samples=sweep.trials, max_concurrent_trials=concurrency,
+                                        trial_name_creator=lambda trial: trial_run_name(trial.trial_id),
+                                        trial_dirname_creator=lambda trial: trial_run_name(trial.trial_id)),
+            run_config=tune.RunConfig(name=folder.tune.name, storage_path=str(folder.root),
+                                      callbacks=[callback], verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
+        )
+    tuner.fit()
+
+
+def _fitting_concurrency(sweep: SweepConfig, resources: dict[str, Any], *, local: bool,
+                         log: Callable[[str], None]) -> int:
+    """How many trials can train at once: trials x workers x CPUs (and GPUs) must fit the cluster,
+    or Train workers wait for resources their siblings hold."""
+    need = sweep.resources
+    fits = []
+    if need.cpus_per_worker > 0:
+        fits.append(int(resources.get("CPU", 0) // (need.workers_per_trial * need.cpus_per_worker)))
+    if need.gpus_per_worker > 0:
+        fits.append(int(resources.get("GPU", 0) // (need.workers_per_trial * need.gpus_per_worker)))
+    fitting = min(fits) if fits else sweep.concurrency
+    if fitting >= sweep.concurrency:
+        return sweep.concurrency
+    what = (f"{need.workers_per_trial} worker(s) x {need.cpus_per_worker} CPU"
+            + (f" x {need.gpus_per_worker} GPU" if need.gpus_per_worker else ""))
+    have = f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU"
+    if fitting < 1 and local:
+        raise SweepError(f"a trial needs {what} and this machine has {have}: lower resources.workers_per_trial "
+                         "or resources.cpus_per_worker")
+    if not local:  # an autoscaling cluster may grow to fit; say so and let it
+        log(f"note: {sweep.concurrency} concurrent trials of {what} need more than the cluster has now ({have}); "
+            "trials wait for the autoscaler")
+        return sweep.concurrency
+    log(f"concurrency lowered from {sweep.concurrency} to {fitting}: trials of {what} on {have}")
+    return fitting
+
+
+def _searcher(sweep: SweepConfig):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    settings = sweep.searcher
+    if settings.type == "optuna_tpe":
+        # constant_liar: concurrent trials do not all sample the same point while others run.
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.startup_trials,
+                                             constant_liar=sweep.concurrency > 1)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=settings.seed)
+    space = {key: parameter.optuna_distribution() for key, parameter in sweep.search.items()}
+    return OptunaSearch(space=space, metric=OBJECTIVE, mode=sweep.objective.mode, sampler=sampler)
+
+
+def _scheduler(sweep: SweepConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    settings = sweep.scheduler
+    assert sweep.base_config is not None
+    epochs = sweep.trial_config({}).optimization.epochs
+    if settings.type == "asha":
+        # max_t past the last epoch: ASHA must never stop a trial at its final report, which
+        # would kill it before it logs its model.
+        return ASHAScheduler(time_attr=TIME_ATTR, metric=OBJECTIVE, mode=sweep.objective.mode, max_t=epochs + 1,
+                             grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
+    if settings.type == "median":
+        return MedianStoppingRule(time_attr=TIME_ATTR, metric=OBJECTIVE, mode=sweep.objective.mode,
+                                  grace_period=settings.grace_period, min_samples_required=2)
+    return FIFOScheduler()
+
+
+def _register_best(sweep: SweepConfig, state: SweepState, folder: SweepFolder, experiment: Experiment,
+                   rows: list[dict[str, Any]], log: Callable[[str], None]) -> tuple[dict[str, Any] | None, str | None]:
+    """Register the best finished trial's model as the ``challenger`` (once per sweep)."""
+    from hilbert.sweep.registry import CHALLENGER, RegistryError, register_logged_model
+
+    candidates = [row for row in rows if row["status"] == FINISHED and math.isfinite(row["objective"])]
+    if not candidates:
+        log("no trial finished: nothing to register")
+        return None, None
+    best = candidates[0]
+    if state.registered_version and state.registered_run_id == best["run_id"]:
+        return best, state.registered_version  # a resumed sweep that had already registered its best
+    for row in candidates:
+        try:
+            version = register_logged_model(
+                row["run_id"], sweep.tracking.model_name, CHALLENGER,
+                description=f"best trial ({row['name']}) of sweep {state.name}: objective {row['objective']:.4f} "
+                            f"(mean over folds of the best validation macro AUC)",
+                tracking_uri=experiment.uri, tags={"sweep": state.name, "trial_id": str(row["trial_id"]),
+                                                   "objective": f"{row['objective']:.6f}"})
+        except RegistryError as error:
+            log(f"{row['name']}: {error}; trying the next best")
+            continue
+        state.registered_version, state.registered_run_id = version, row["run_id"]
+        state.write(folder)
+        log(f"registered {row['name']} (objective {row['objective']:.4f}) as {sweep.tracking.model_name} "
+            f"version {version}, alias {CHALLENGER}")
+        return row, version
+    return best, None
+
+
+def _summarise_in_parent(tracker: SweepTracker, rows: list[dict[str, Any]], best: dict[str, Any] | None,
+                         version: str | None) -> None:
+    client = tracker.experiment.client
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    metrics = {f"trials_{status.lower()}": count for status, count in counts.items()}
+    if best is not None:
+        metrics["best_objective"] = best["objective"]
+        client.set_tag(tracker.run_id, "best_trial", best["name"])
+        client.set_tag(tracker.run_id, "best_run_id", best["run_id"])
+    if version:
+        client.set_tag(tracker.run_id, "registered_version", version)
+    for key, value in metrics.items():
+        client.log_metric(tracker.run_id, key, float(value))
