@@ -157,54 +157,136 @@ def demo_data(
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("hilbert-demo"), help="Folder for the corpus, the feature cache and runs."),
-    config: Path = typer.Option(Path("tune/train-demo.yaml"), help="Training config of the demo (run from the "
-                                                                   "repository root, or point to your copy)."),
+    workdir: Path = typer.Option(Path("hilbert-demo"), help="Folder for the corpus, the feature cache, the sweeps "
+                                                            "and the MLflow store."),
+    sweep_file: Path = typer.Option(Path("tune/demo.yaml"), "--sweep", help="Sweep of the demo (run from the "
+                                                                            "repository root, or point to your copy)."),
     documents: int = typer.Option(240, help="Documents in the demo corpus."),
     seed: int = typer.Option(0, help="Seed of the demo corpus."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray."),
 ) -> None:
-    """The main job on the bundled demo corpus: write it, validate it, extract features (cached),
-    then train HILBERT with k-fold CV on Ray Train and compare it with the baseline.
+    """The main job on the bundled demo corpus, end to end: write it, validate it, extract
+    features (cached), run a Ray Tune + Optuna sweep of k-fold Ray Train DDP trials logged to a
+    local MLflow store, register and promote the best model, predict held-out documents with it,
+    and compare it with the baseline.
 
-    A second run reuses the corpus and the feature cache.
+    A second run reuses the corpus and the feature cache, runs a new sweep and promotes its best
+    model only if it beats the champion on the held-out documents.
     """
-    from hilbert.config import ConfigError
-    from hilbert.data.demo import write_demo_corpus
-    from hilbert.features.extract import extract_features
-    from hilbert.train.config import load_train_config
-    from hilbert.train.run import run_cross_validation
+    import math
 
+    from hilbert.config import ConfigError
+    from hilbert.data.demo import split_held_out, write_demo_corpus
+    from hilbert.features.extract import extract_features
+    from hilbert.sweep.config import load_sweep
+    from hilbert.sweep.registry import CHAMPION, RegistryError, promote as promote_model
+    from hilbert.sweep.runner import SweepError, pair_key, run_sweep
+    from hilbert.sweep.tracking import ui_command
+    from hilbert.train.run import TrainingError
+
+    corpus_dir = workdir / "corpus"
+    overrides = {"data": {"manifest": str(corpus_dir / "development.jsonl"), "cache_dir": str(workdir / "cache")},
+                 "output_dir": str(workdir / "runs")}
     try:
-        train_config = load_train_config(config, {"data": {"manifest": str(workdir / "corpus" / "manifest.jsonl"),
-                                                           "cache_dir": str(workdir / "cache")},
-                                                  "output_dir": str(workdir / "runs")})
-    except ConfigError as error:
-        errors.print(f"[red]{error}[/red]\n(run `hilbert demo` from the repository root, or pass --config)",
+        sweep_config = load_sweep(sweep_file, overrides)
+    except (ConfigError, FileNotFoundError) as error:
+        errors.print(f"[red]{error}[/red]\n(run `hilbert demo` from the repository root, or pass --sweep)",
                      highlight=False)
         raise typer.Exit(2) from None
-    manifest_path = Path(train_config.data.manifest)
+    assert sweep_config.base_config is not None
+    data = sweep_config.base_config.data
+    manifest_path = corpus_dir / "manifest.jsonl"
+
     console.rule("1. demo corpus")
     if manifest_path.exists():
         console.print(f"reusing {manifest_path}")
     else:
-        write_demo_corpus(manifest_path.parent, n_documents=documents, seed=seed)
+        write_demo_corpus(corpus_dir, n_documents=documents, seed=seed)
         console.print(f"wrote {manifest_path}")
+    development_path, held_out_path = split_held_out(manifest_path, seed=seed)
+
     console.rule("2. validate")
     report = validate_manifest(manifest_path)
     _print_problems(report)
     if not report.ok:
         raise typer.Exit(2)
     _print_summary(report)
+    development, held_out = load_manifest(development_path), load_manifest(held_out_path)
+    console.print(f"development: {len(development)} documents (sweep, k-fold CV); held out: {len(held_out)} "
+                  f"documents of other speakers (promotion, final table)")
+
     console.rule("3. extract features")
-    corpus = Manifest(report.manifest_path, report.documents)
-    extraction = extract_features(corpus, train_config.data.audio_encoder, train_config.data.text_encoder,
-                                  train_config.data.cache_dir, address=address)
+    extraction = extract_features(Manifest(report.manifest_path, report.documents), data.audio_encoder,
+                                  data.text_encoder, data.cache_dir, address=address)
     console.print(extraction.throughput_line())
-    console.rule("4. train: k-fold cross-validation on Ray Train")
-    result = run_cross_validation(train_config, manifest=corpus, feature_set=extraction.feature_set,
-                                  address=address, log=console.print)
-    print_cross_validation(result)
+    development_features = extract_features(development, data.audio_encoder, data.text_encoder, data.cache_dir,
+                                            address=address, progress=False).feature_set
+
+    console.rule(f"4. sweep: {sweep_config.trials} trials, Ray Tune + Optuna, k-fold Ray Train DDP, MLflow")
+    with _refusing(ConfigError, SweepError, TrainingError, RegistryError):
+        result = run_sweep(sweep_file, overrides=overrides, address=address, manifest=development,
+                           feature_sets={pair_key(data.audio_encoder, data.text_encoder): development_features},
+                           log=console.print)
+    print_sweep_result(result)
+    if not result.model_version:
+        errors.print("[red]no trial finished, so there is no model to promote; see the errors above[/red]")
+        raise typer.Exit(1)
+
+    console.rule("5. promote: challenger vs champion on the held-out documents")
+    with _refusing(RegistryError):
+        decision = promote_model(result.model_name, held_out_scorer(held_out, Path(data.cache_dir), address),
+                                 tracking_uri=result.tracking_uri)
+    print_promotion(decision)
+
+    console.rule(f"6. predict the held-out documents with models:/{result.model_name}@{CHAMPION}")
+    champion = f"models:/{result.model_name}@{CHAMPION}"
+    predictions_path = workdir / "predictions" / "held_out.parquet"
+    from hilbert.predict import evaluate_corpus, predict_probabilities, predictions_table, write_parquet_atomically
+
+    with _model(champion, result.tracking_uri) as predictor:
+        _, probabilities = predict_probabilities(predictor, held_out, data.cache_dir, address=address)
+        write_parquet_atomically(predictions_table(held_out, predictor.label_maps, probabilities), predictions_path)
+        champion_metrics = evaluate_corpus(predictor, held_out, data.cache_dir, address=address)
+    console.print(f"class probabilities per task for {len(held_out)} documents: {predictions_path}")
+
+    baseline_metrics = held_out_baseline(predictor.label_maps, development, held_out, Path(data.cache_dir),
+                                         extraction.feature_set)
+    tasks = predictor.label_maps.tasks
+    version = decision.challenger_version if decision.promoted else decision.champion_version
+    table = Table(title=f"held-out documents ({len(held_out)}, speakers no trial saw): macro one-vs-rest ROC AUC",
+                  title_justify="left")
+    table.add_column("method")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    table.add_column("mean", justify="right")
+    for label, metrics in ((f"HILBERT champion (version {version})", champion_metrics),
+                           ("baseline: logreg on mean-pooled features", baseline_metrics)):
+        values = [metrics.get(f"{task}/auc", math.nan) for task in tasks]
+        finite = [v for v in values if not math.isnan(v)]
+        table.add_row(label, *(_number(v) for v in values), _number(sum(finite) / len(finite) if finite else math.nan))
+    console.print(table)
+    console.print(f"\nleaderboard again:  hilbert runs --tracking-uri {result.tracking_uri}")
+    console.print(f"predict with it:    hilbert predict {champion} MANIFEST OUT.parquet --cache {data.cache_dir} "
+                  f"--tracking-uri {result.tracking_uri}")
+    console.print(f"open the MLflow UI: {ui_command(result.tracking_uri)}  (then http://127.0.0.1:5000)")
+
+
+def held_out_baseline(label_maps, development: Manifest, held_out: Manifest, cache: Path, feature_set) -> dict:
+    """Logistic regression on mean-pooled features, fit on the development documents, scored on
+    the held-out ones: what the champion has to beat."""
+    import numpy as np
+
+    from hilbert.features.cache import FeatureCache
+    from hilbert.train.baseline import logistic_regression_held_out, mean_pooled_features
+
+    store = FeatureCache(cache)
+
+    def side(corpus: Manifest):
+        features = mean_pooled_features(store, feature_set, [doc.doc_id for doc in corpus])
+        encoded = [label_maps.encode(doc) for doc in corpus]
+        return features, {task: np.array([labels[task] for labels in encoded]) for task in label_maps.tasks}
+
+    return logistic_regression_held_out(*side(development), *side(held_out), label_maps)
 
 
 METHOD_NAMES = {"hilbert": "HILBERT", "pairwise": "pairwise a<->t (CLAP-style)", "no_cka": "HILBERT - CKA",
@@ -285,25 +367,48 @@ def train(
     print_cross_validation(result)
 
 
-MODEL_HELP = "A checkpoint folder, or a folder of fold checkpoints (a variant folder of a `hilbert train` run)."
+MODEL_HELP = ("The model: `models:/NAME@champion` (or `@challenger`, `models:/NAME/3`), `runs:/<run id>/model`, a "
+              "checkpoint folder, or a folder of fold checkpoints (a variant folder of a `hilbert train` run).")
+TRACKING_HELP = ("MLflow tracking store (default: $MLFLOW_TRACKING_URI, else runs/mlruns.db; the demo's is "
+                 "hilbert-demo/runs/mlruns.db).")
+
+
+@contextmanager
+def _model(location: str, tracking_uri: Optional[str]) -> Iterator:
+    """Load a model from the registry, a run or a folder (downloads go to a temporary folder)."""
+    import tempfile
+
+    from hilbert.predict import ModelLocationError, load_predictor
+    from hilbert.sweep.registry import RegistryError, resolve_model
+
+    remote = "://" in location or location.startswith(("models:", "runs:"))
+    with tempfile.TemporaryDirectory(prefix="hilbert-model-") as folder, _refusing(ModelLocationError, RegistryError):
+        uri = _tracking_uri(tracking_uri) if location.startswith(("models:", "runs:")) else tracking_uri
+        yield load_predictor(resolve_model(location, folder if remote else None, tracking_uri=uri))
+
+
+def _tracking_uri(explicit: Optional[str]) -> str:
+    from hilbert.sweep.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(explicit, Path("runs"))
 
 
 @app.command()
 def evaluate(
-    model: Path = typer.Argument(..., help=MODEL_HELP),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     manifest: Path = typer.Argument(..., help="Labelled manifest to evaluate on (features extracted through the cache)."),
     cache: Path = typer.Option(Path("cache"), help="Feature cache folder."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
     output: Optional[Path] = typer.Option(None, help="Also write the metrics as JSON here."),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
 ) -> None:
     """Per-task AUC, balanced accuracy and macro F1 of a trained model on a labelled corpus."""
     from hilbert.features.batches import UnknownLabelError
     from hilbert.features.cache import atomic_write_json
-    from hilbert.predict import ModelLocationError, evaluate_corpus, load_predictor
+    from hilbert.predict import evaluate_corpus
 
     corpus = _exit_on_bad_manifest(manifest)
-    with _refusing(ModelLocationError, UnknownLabelError, FileNotFoundError):
-        predictor = load_predictor(model)
+    with _model(model, tracking_uri) as predictor, _refusing(UnknownLabelError, FileNotFoundError):
         metrics = evaluate_corpus(predictor, corpus, cache, address=address)
     table = Table(title=f"{model} on {manifest} ({len(predictor.models)} model(s))", title_justify="left")
     for column in ("task", "labelled", "AUC", "balanced accuracy", "macro F1"):
@@ -319,19 +424,18 @@ def evaluate(
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help=MODEL_HELP),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     manifest: Path = typer.Argument(..., help="Manifest of the documents to predict (labels not needed)."),
     out: Path = typer.Argument(..., help="Parquet file: doc_id, predicted class and class probabilities per task."),
     cache: Path = typer.Option(Path("cache"), help="Feature cache folder."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
 ) -> None:
     """Predict every task for new documents (fold models are averaged)."""
-    from hilbert.predict import (ModelLocationError, load_predictor, predict_probabilities, predictions_table,
-                                 write_parquet_atomically)
+    from hilbert.predict import predict_probabilities, predictions_table, write_parquet_atomically
 
     corpus = _exit_on_bad_manifest(manifest)
-    with _refusing(ModelLocationError, FileNotFoundError):
-        predictor = load_predictor(model)
+    with _model(model, tracking_uri) as predictor, _refusing(FileNotFoundError):
         _, probabilities = predict_probabilities(predictor, corpus, cache, address=address)
     write_parquet_atomically(predictions_table(corpus, predictor.label_maps, probabilities), out)
     console.print(f"predictions for {len(corpus)} documents written to {out}")
@@ -339,21 +443,164 @@ def predict(
 
 @app.command()
 def embed(
-    model: Path = typer.Argument(..., help=MODEL_HELP),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     manifest: Path = typer.Argument(..., help="Manifest of the documents to embed (labels not needed)."),
     out: Path = typer.Argument(..., help="Parquet file: audio, text and joint embeddings and segment pooling weights."),
     cache: Path = typer.Option(Path("cache"), help="Feature cache folder."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
 ) -> None:
     """Document embeddings and which segments mattered (pooling weights), one row per document."""
-    from hilbert.predict import ModelLocationError, embeddings_table, load_predictor, write_parquet_atomically
+    from hilbert.predict import embeddings_table, write_parquet_atomically
 
     corpus = _exit_on_bad_manifest(manifest)
-    with _refusing(ModelLocationError, FileNotFoundError):
-        predictor = load_predictor(model)
+    with _model(model, tracking_uri) as predictor, _refusing(FileNotFoundError):
         table = embeddings_table(predictor, corpus, cache, address=address)
     write_parquet_atomically(table, out)
     console.print(f"embeddings of {len(corpus)} documents written to {out}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps, the MLflow leaderboard, promotion
+
+
+@app.command()
+def sweep(
+    sweep_file: Optional[Path] = typer.Argument(None, help="Sweep definition (tune/*.yaml); optional with --resume."),
+    name: Optional[str] = typer.Option(None, help="Name of the sweep (default: <sweep name>-<date-time>): its "
+                                                  "folder under <output_dir>/sweeps and its MLflow parent run."),
+    resume: Optional[str] = typer.Option(None, help="Continue the sweep of this name (after Ctrl-C, a crash or a "
+                                                    "killed driver): finished trials are kept, unfinished ones go on "
+                                                    "from their last epoch."),
+    retry_failed: bool = typer.Option(False, help="With --resume: run the trials that failed again."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster: `auto` (the cluster this machine is in), "
+                                                     "`ray://head:10001`; default: an embedded local Ray."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking store (default: tracking.uri of the "
+                                                          "sweep, else $MLFLOW_TRACKING_URI, else "
+                                                          "<output_dir>/mlruns.db)."),
+    sweeps_dir: Optional[Path] = typer.Option(None, help="Folder of sweep folders (default: <output_dir>/sweeps of "
+                                                         "the base config; runs/sweeps with --resume alone)."),
+) -> None:
+    """Search hyperparameters with Ray Tune + Optuna; each trial is a k-fold Ray Train DDP run.
+
+    Every trial is an MLflow run nested under the sweep's run; the best model is registered as
+    the `challenger` (promote it with `hilbert promote`).
+    """
+    from hilbert.config import ConfigError
+    from hilbert.sweep.registry import RegistryError
+    from hilbert.sweep.runner import SweepError, run_sweep
+    from hilbert.train.run import TrainingError
+
+    with _refusing(ConfigError, SweepError, TrainingError, RegistryError, FileNotFoundError):
+        result = run_sweep(sweep_file, name=name, resume=resume, sweeps_dir=sweeps_dir, address=address,
+                           tracking_uri=tracking_uri, retry_failed=retry_failed, log=console.print)
+    print_sweep_result(result)
+
+
+def print_sweep_result(result) -> None:
+    from hilbert.sweep.tracking import ui_command
+
+    print_leaderboard(result.rows, f"sweep {result.name}: {len(result.rows)} trial(s) in {result.seconds:.0f} s")
+    if result.model_version:
+        console.print(f"best: {result.best['name']} -> registered as {result.model_name} version "
+                      f"{result.model_version} (alias challenger)")
+        console.print(f"promote it: hilbert promote {result.model_name} --manifest HELD_OUT.jsonl "
+                      f"--tracking-uri {result.tracking_uri}")
+    console.print(f"MLflow UI: {ui_command(result.tracking_uri)}")
+
+
+def print_leaderboard(rows: list[dict], title: str, limit: int = 20) -> None:
+    """Trials best first: status, epochs, objective, per-task CV AUC and the searched values."""
+    tasks = sorted({key.split("/")[1] for row in rows for key in row["metrics"]
+                    if key.startswith("cv_mean/") and key.endswith("/auc")})
+    searched = sorted({key for row in rows for key in row["params"] if not key.startswith("config.")})
+    table = Table(title=title, title_justify="left")
+    table.caption = f"AUC: mean over folds of the best epoch's validation macro AUC; searched: {', '.join(searched)}"
+    for column in ("#", "trial", "status", "epochs", "objective", *(f"{t} AUC" for t in tasks),
+                   *(key.rsplit(".", 1)[-1] for key in searched)):
+        table.add_column(column, justify="left" if column in ("trial", "status") else "right",
+                         no_wrap=column == "trial")
+    for rank, row in enumerate(rows[:limit], 1):
+        metrics = row["metrics"]
+        status = row["status"] + (f" ({row['stopped_by']})" if row.get("stopped_by") else "")
+        cells = [str(rank), row["name"], status, f"{metrics.get('epochs_completed', 0):.0f}", _number(row["objective"])]
+        cells += [_number(metrics.get(f"cv_mean/{task}/auc", float("nan"))) for task in tasks]
+        cells += [_param(row["params"].get(key, "")) for key in searched]
+        table.add_row(*cells)
+    console.print(table)
+
+
+def _number(value: float) -> str:
+    return "-" if value != value else f"{value:.4f}"
+
+
+def _param(text: str) -> str:
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return f"{value:.4g}"
+
+
+@app.command()
+def runs(
+    sweep_name: Optional[str] = typer.Argument(None, help="Sweep (its parent run's name); default: the latest."),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    experiment: Optional[str] = typer.Option(None, help="MLflow experiment; default: every experiment."),
+    limit: int = typer.Option(20, help="Rows to show."),
+) -> None:
+    """The leaderboard of a sweep from MLflow, and the command that opens the MLflow UI."""
+    from hilbert.sweep.tracking import find_sweep, leaderboard, ui_command
+
+    uri = _tracking_uri(tracking_uri)
+    with _refusing(LookupError):
+        found, parent = find_sweep(uri, sweep_name, experiment)
+    rows = leaderboard(found, parent.info.run_id)
+    print_leaderboard(rows, f"sweep {parent.info.run_name} ({parent.info.status}) in experiment {found.name!r}: "
+                            f"{len(rows)} trial(s)", limit)
+    console.print(f"MLflow UI: {ui_command(uri)}")
+
+
+@app.command()
+def promote(
+    model_name: str = typer.Argument(..., help="Registered model name (tracking.model_name of the sweep)."),
+    manifest: Path = typer.Option(..., help="Held-out labelled documents that both models are scored on "
+                                            "(mean macro AUC over tasks)."),
+    cache: Path = typer.Option(Path("cache"), help="Feature cache folder."),
+    force: bool = typer.Option(False, help="Move `champion` to the challenger even if it scores lower."),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
+) -> None:
+    """Compare the `challenger` with the `champion` on held-out documents; move `champion` when
+    the challenger is better (or with --force). The decision goes into the version's tags."""
+    from hilbert.sweep.registry import RegistryError, promote as promote_model
+
+    corpus = _exit_on_bad_manifest(manifest)
+    with _refusing(RegistryError):
+        decision = promote_model(model_name, held_out_scorer(corpus, cache, address), force,
+                                 tracking_uri=_tracking_uri(tracking_uri))
+    print_promotion(decision)
+
+
+def held_out_scorer(corpus: Manifest, cache: Path, address: Optional[str] = None):
+    """Model folder -> mean macro AUC over its tasks on ``corpus`` (what promotion compares)."""
+    import math
+
+    from hilbert.predict import evaluate_corpus, load_predictor
+
+    def score(folder: Path) -> float:
+        predictor = load_predictor(folder)
+        metrics = evaluate_corpus(predictor, corpus, cache, address=address)
+        values = [metrics[f"{task}/auc"] for task in predictor.label_maps.tasks
+                  if not math.isnan(metrics.get(f"{task}/auc", math.nan))]
+        return sum(values) / len(values) if values else math.nan
+
+    return score
+
+
+def print_promotion(decision) -> None:
+    verdict = "[green]promoted[/green]" if decision.promoted else "[yellow]not promoted[/yellow]"
+    console.print(f"{decision.model_name} version {decision.challenger_version}: {verdict} — {decision.reason}")
 
 
 def main() -> None:  # pragma: no cover - console script entry point

@@ -29,11 +29,27 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
         if local:
             # The dashboard serves Ray's State API, which Train needs to free the workers of a
             # trial that a Tune scheduler stopped early; loopback only.
-            kwargs.update(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+            port = _free_port()
+            kwargs.update(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+            # Train's placement-group cleaner finds the State API by looking for "the" local Ray;
+            # with two on one machine (two sweeps, a test beside a sweep) that lookup raises, the
+            # cleaner dies, and a trial stopped by ASHA keeps its workers' CPUs forever, so the
+            # next trial never starts. Name this instance's API server for every process it starts
+            # (Ray's processes inherit the driver's environment).
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         else:
             kwargs.update(address=address)
         ray.init(**kwargs)
     return dict(ray.cluster_resources())
+
+
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _bind_to_loopback() -> None:

@@ -513,3 +513,35 @@ def _write_document(plan: _DocumentPlan, labels: dict[str, str | None], audio_di
     _write_atomically(audio_dir / audio_name, _encode(waveform, sample_rate, audio_format, ogg_serial))
     return {"doc_id": plan.doc_id, "audio": f"audio/{audio_name}", "segments": segments, "labels": labels,
             "group": plan.speaker.group}
+
+
+DEVELOPMENT_MANIFEST, HELD_OUT_MANIFEST = "development.jsonl", "held_out.jsonl"
+
+
+def split_held_out(manifest_path: str | Path, held_out_fraction: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
+    """Write ``development.jsonl`` and ``held_out.jsonl`` beside a manifest: whole groups
+    (speakers) go to the held-out side until it holds ``held_out_fraction`` of the documents, so
+    no speaker is in both. The sweep trains and cross-validates on the development documents;
+    promotion and the demo's final table score models on the held-out ones, which no trial saw.
+    Deterministic from ``seed``; both files are written atomically."""
+    if not 0 < held_out_fraction < 1:
+        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+    manifest_path = Path(manifest_path)
+    lines = [line for line in manifest_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    groups: dict[str, list[str]] = {}
+    for line in lines:
+        record = json.loads(line)
+        groups.setdefault(str(record.get("group", record["doc_id"])), []).append(line)
+    order = sorted(groups)
+    np.random.default_rng(seed).shuffle(order)
+    held_out: list[str] = []
+    for group in order:
+        if len(held_out) >= held_out_fraction * len(lines) or len(held_out) + len(groups[group]) >= len(lines):
+            break
+        held_out += groups[group]
+    chosen = set(held_out)
+    development = [line for line in lines if line not in chosen]
+    paths = manifest_path.with_name(DEVELOPMENT_MANIFEST), manifest_path.with_name(HELD_OUT_MANIFEST)
+    for path, part in zip(paths, (development, [line for line in lines if line in chosen])):
+        _write_atomically(path, "".join(line + "\n" for line in part).encode("utf-8"))
+    return paths

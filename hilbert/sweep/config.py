@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hilbert.config import ConfigError, from_dict, load_yaml, to_dict
-from hilbert.train.config import TrainConfig, load_train_config
+from hilbert.train.config import TrainConfig, load_train_config, merge_nested
 
 ENCODER_PAIR = "data.encoders"
 
@@ -189,10 +189,16 @@ class SweepConfig:
         return [(self.base_config.data.audio_encoder, self.base_config.data.text_encoder)]
 
 
-def load_sweep(path: str | Path) -> SweepConfig:
-    """Read and fully validate a sweep YAML (base config, every key and range of the space)."""
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read and fully validate a sweep YAML (base config, every key and range of the space).
+
+    ``overrides`` (nested like the base config) are merged over the YAML's own ``overrides``:
+    how ``hilbert demo`` points the demo sweep at its working folder.
+    """
     path = Path(path)
     sweep = load_yaml(SweepConfig, path)
+    if overrides:
+        sweep.overrides = merge_nested(sweep.overrides or {}, overrides)
     base_path = (path.parent / sweep.base) if not Path(sweep.base).is_absolute() else Path(sweep.base)
     try:
         sweep.base_config = load_train_config(base_path, sweep.overrides or None)

@@ -44,7 +44,7 @@ STATE_FILE = "sweep.json"
 OBJECTIVE = "objective"
 TIME_ATTR = "epochs_completed"
 # What a trial reports that belongs in MLflow (Tune adds pids, hostnames, timestamps, ...).
-_REPORTED = ("objective", "epoch", "active_folds")
+_REPORTED = ("objective", "epoch", "epochs_completed", "active_folds")
 _REPORTED_PREFIXES = ("val/", "train/", "time/")
 
 
@@ -213,6 +213,8 @@ class TrialRunsCallback(_callback_base()):
         self._run_ids: dict[str, str] = {}
         self._stopped: set[str] = set()
         self._best: tuple[float, str] | None = None
+        self._last_table = time.monotonic()
+        self._last_progress: tuple = ()
 
     def _run_id(self, trial_id: str) -> str | None:
         if trial_id not in self._run_ids:
@@ -221,6 +223,11 @@ class TrialRunsCallback(_callback_base()):
                 return None
             self._run_ids[trial_id] = run.info.run_id
         return self._run_ids[trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if self.print_line is not None:
+            sampled = ", ".join(f"{key}={_short(value)}" for key, value in sorted(_config_of(trial).items()))
+            self.print_line(f"{trial_run_name(trial.trial_id)} started: {sampled}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         trial_id = trial.trial_id
@@ -264,6 +271,34 @@ class TrialRunsCallback(_callback_base()):
             return
         best = f" | best so far {self._best[0]:.4f} ({trial_run_name(self._best[1])})" if self._best else ""
         self.print_line(line + best)
+
+    def on_step_end(self, iteration, trials, **info):
+        # A status table every minute: which trials run, how far, how good.
+        if self.print_line is None or time.monotonic() - self._last_table < 60:
+            return
+        progress = tuple((t.trial_id, t.status, (t.last_result or {}).get(TIME_ATTR)) for t in trials)
+        if progress != self._last_progress:
+            self._last_table, self._last_progress = time.monotonic(), progress
+            self.print_line(trial_table(trials))
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def trial_table(trials) -> str:
+    """Plain-text table of Tune trials: status, epochs, objective (best first)."""
+    rows = []
+    for trial in trials:
+        result = trial.last_result or {}
+        objective = result.get(OBJECTIVE)
+        rows.append((trial_run_name(trial.trial_id), trial.status, str(result.get(TIME_ATTR, 0)),
+                     f"{objective:.4f}" if isinstance(objective, float) and math.isfinite(objective) else "-"))
+    rows.sort(key=lambda row: row[3] if row[3] != "-" else "", reverse=True)
+    header = ("trial", "status", "epochs", "objective")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in [header, *rows]]
+    return "\n".join(lines)
 
 
 def _config_of(trial) -> dict[str, Any]:
@@ -310,23 +345,25 @@ class SweepResult:
 
 def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, resume: str | None = None,
               sweeps_dir: str | Path | None = None, address: str | None = None, tracking_uri: str | None = None,
-              retry_failed: bool = False, manifest=None, feature_sets: dict | None = None,
-              log: Callable[[str], None] = print) -> SweepResult:
+              retry_failed: bool = False, overrides: dict[str, Any] | None = None, manifest=None,
+              feature_sets: dict | None = None, log: Callable[[str], None] = print) -> SweepResult:
     """Run (or, with ``resume=NAME``, continue) a sweep; returns its leaderboard and the model
     version registered as ``challenger``.
 
     ``sweep_file`` is a ``tune/*.yaml``; when resuming it may be left out (``sweep.json`` in the
     sweep folder holds the definition). ``sweeps_dir`` defaults to ``<output_dir>/sweeps`` of
-    the base config (``runs/sweeps`` when resuming without a file).
+    the base config (``runs/sweeps`` when resuming without a file). ``overrides`` edit the base
+    training config (see :func:`load_sweep`). A caller that has validated the corpus or cached
+    its features passes ``manifest`` and ``feature_sets`` (encoder pair key -> FeatureSet).
     """
     started = time.perf_counter()
     if resume:
-        folder, state = _locate(resume, sweep_file, sweeps_dir)
+        folder, state = _locate(resume, sweep_file, sweeps_dir, overrides)
         sweep = state.sweep_config()
     else:
         if sweep_file is None:
             raise SweepError("name a sweep file (tune/*.yaml), or --resume NAME")
-        sweep = load_sweep(sweep_file)
+        sweep = load_sweep(sweep_file, overrides)
         assert sweep.base_config is not None
         name = name or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         folder = SweepFolder.of(sweeps_dir or sweeps_dir_for(sweep.base_config), name)
@@ -368,9 +405,11 @@ def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, 
                        sweep.tracking.model_name, version, time.perf_counter() - started)
 
 
-def _locate(name: str, sweep_file: str | Path | None, sweeps_dir: str | Path | None) -> tuple[SweepFolder, SweepState]:
+def _locate(name: str, sweep_file: str | Path | None, sweeps_dir: str | Path | None,
+            overrides: dict[str, Any] | None) -> tuple[SweepFolder, SweepState]:
     if sweeps_dir is None:
-        sweeps_dir = sweeps_dir_for(load_sweep(sweep_file).base_config) if sweep_file else Path("runs") / "sweeps"  # type: ignore[arg-type]
+        base = load_sweep(sweep_file, overrides).base_config if sweep_file else None
+        sweeps_dir = sweeps_dir_for(base) if base else Path("runs") / "sweeps"
     folder = SweepFolder.of(sweeps_dir, name)
     return folder, SweepState.read(folder)
 
@@ -424,7 +463,7 @@ def _run_tuner(sweep: SweepConfig, prepared: _Prepared, setup: TrialSetup, folde
         log(f"resuming: finished trials are kept{', failed ones run again' if retry_failed else ''}")
         tuner = tune.Tuner.restore(str(folder.tune), trainable, resume_unfinished=True, resume_errored=retry_failed)
     else:
-        callback = TrialRunsCallback(setup.experiment, setup.parent_run_id, sweep.scheduler.type, print_line=log)
+        callback = TrialRunsCallback(setup.experiment, setup.parent_run_id, sweep.scheduler.type)  # prints with print(): it is pickled with the Tuner
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=_searcher(sweep), scheduler=_scheduler(sweep),
@@ -432,7 +471,9 @@ def _run_tuner(sweep: SweepConfig, prepared: _Prepared, setup: TrialSetup, folde
                                         trial_name_creator=lambda trial: trial_run_name(trial.trial_id),
                                         trial_dirname_creator=lambda trial: trial_run_name(trial.trial_id)),
             run_config=tune.RunConfig(name=folder.tune.name, storage_path=str(folder.root),
-                                      callbacks=[callback], verbose=1,
+                                      # Tune's own tables print every metric of every
+                                      # report; the callback prints one line a trial.
+                                      callbacks=[callback], verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
         )
     tuner.fit()

@@ -604,3 +604,22 @@ def leaderboard(experiment: Experiment, parent_run_id: str, objective: str = "ob
     sign = -1.0 if mode == "max" else 1.0
     return sorted(rows, key=lambda row: (not math.isfinite(row["objective"]),
                                          sign * row["objective"] if math.isfinite(row["objective"]) else 0.0))
+
+
+def find_sweep(uri: str, name: str | None = None, experiment: str | None = None) -> tuple[Experiment, Any]:
+    """The parent run of sweep ``name`` (the latest sweep when None) in ``experiment`` (or any
+    experiment of the store); LookupError names what exists when nothing matches."""
+    client = mlflow_client(uri)
+    experiments = ([Experiment.open(uri, experiment)] if experiment else
+                   [Experiment(uri, e.experiment_id, e.name) for e in client.search_experiments()])
+    query = f"tags.`{ROLE_TAG}` = 'sweep'" + (f" and attributes.run_name = '{name}'" if name else "")
+    found = []
+    for candidate in experiments:
+        found += [(candidate, run) for run in client.search_runs([candidate.experiment_id], query,
+                                                                  order_by=["attributes.start_time DESC"])]
+    if not found:
+        every = [run.info.run_name for e in experiments
+                 for run in client.search_runs([e.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'")]
+        raise LookupError(f"no sweep {name + ' ' if name else ''}in {uri}"
+                          + (f" (sweeps: {', '.join(sorted(set(every)))})" if every else " (no sweeps at all)"))
+    return max(found, key=lambda pair: pair[1].info.start_time)

@@ -32,14 +32,16 @@ def mean_pooled_features(cache: FeatureCache, feature_set: FeatureSet, doc_ids: 
 
 
 def logistic_regression_cv(features: np.ndarray, labels: dict[str, np.ndarray], fold_of: np.ndarray,
-                           label_maps: LabelMaps, regularisation: float = 1.0) -> dict[int, dict[str, float]]:
+                           label_maps: LabelMaps, regularisation: float = 1.0,
+                           folds: list[int] | None = None) -> dict[int, dict[str, float]]:
     """Per fold, per task: fit on the labelled training documents, score the validation fold.
 
     ``labels`` maps task -> [documents] class indices (-1 unlabelled); ``fold_of`` [documents].
-    Returns fold -> {"<task>/auc": ..., "<task>/balanced_accuracy": ..., "<task>/macro_f1": ...}.
+    Returns fold -> {"<task>/auc": ..., "<task>/balanced_accuracy": ..., "<task>/macro_f1": ...}
+    for every fold, or for ``folds`` only.
     """
     results: dict[int, dict[str, float]] = {}
-    for fold in sorted(set(fold_of.tolist())):
+    for fold in folds if folds is not None else sorted(set(fold_of.tolist())):
         train, validation = fold_of != fold, fold_of == fold
         metrics: dict[str, float] = {}
         for task, classes in label_maps.classes.items():
@@ -59,3 +61,13 @@ def logistic_regression_cv(features: np.ndarray, labels: dict[str, np.ndarray], 
                 metrics[f"{task}/{name}"] = value
         results[fold] = metrics
     return results
+
+
+def logistic_regression_held_out(train_features: np.ndarray, train_labels: dict[str, np.ndarray],
+                                 test_features: np.ndarray, test_labels: dict[str, np.ndarray],
+                                 label_maps: LabelMaps, regularisation: float = 1.0) -> dict[str, float]:
+    """Fit on every labelled training document, score the held-out ones (same metrics as CV)."""
+    features = np.concatenate([train_features, test_features])
+    labels = {task: np.concatenate([train_labels[task], test_labels[task]]) for task in label_maps.tasks}
+    fold_of = np.concatenate([np.ones(len(train_features), dtype=int), np.zeros(len(test_features), dtype=int)])
+    return logistic_regression_cv(features, labels, fold_of, label_maps, regularisation, folds=[0])[0]

@@ -136,13 +136,13 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
     """Read a training YAML; a relative ``data.manifest``/``cache_dir`` is taken from the YAML's folder."""
     config = load_yaml(TrainConfig, path)
     if overrides:
-        config = from_dict(TrainConfig, _merge(to_dict(config), overrides))
+        config = from_dict(TrainConfig, merge_nested(to_dict(config), overrides))
     return config
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def merge_nested(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in overrides.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+        merged[key] = merge_nested(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
             else value
     return merged
