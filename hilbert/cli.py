@@ -180,7 +180,7 @@ def demo(
     from hilbert.features.extract import extract_features
     from hilbert.sweep.config import load_sweep
     from hilbert.sweep.registry import CHAMPION, RegistryError, promote as promote_model
-    from hilbert.sweep.runner import SweepError, pair_key, run_sweep
+    from hilbert.sweep.runner import SweepError, SweepInterrupted, pair_key, run_sweep
     from hilbert.sweep.tracking import ui_command
     from hilbert.train.run import TrainingError
 
@@ -223,7 +223,7 @@ def demo(
                                             address=address, progress=False).feature_set
 
     console.rule(f"4. sweep: {sweep_config.trials} trials, Ray Tune + Optuna, k-fold Ray Train DDP, MLflow")
-    with _refusing(ConfigError, SweepError, TrainingError, RegistryError):
+    with _refusing(ConfigError, SweepError, TrainingError, RegistryError), _refusing(SweepInterrupted, code=130):
         result = run_sweep(sweep_file, overrides=overrides, address=address, manifest=development,
                            feature_sets={pair_key(data.audio_encoder, data.text_encoder): development_features},
                            log=console.print)
@@ -235,7 +235,7 @@ def demo(
     console.rule("5. promote: challenger vs champion on the held-out documents")
     with _refusing(RegistryError):
         decision = promote_model(result.model_name, held_out_scorer(held_out, Path(data.cache_dir), address),
-                                 tracking_uri=result.tracking_uri)
+                                 tracking_uri=result.tracking_uri, metric=held_out_metric(held_out_path))
     print_promotion(decision)
 
     console.rule(f"6. predict the held-out documents with models:/{result.model_name}@{CHAMPION}")
@@ -488,10 +488,11 @@ def sweep(
     """
     from hilbert.config import ConfigError
     from hilbert.sweep.registry import RegistryError
-    from hilbert.sweep.runner import SweepError, run_sweep
+    from hilbert.sweep.runner import SweepError, SweepInterrupted, run_sweep
     from hilbert.train.run import TrainingError
 
-    with _refusing(ConfigError, SweepError, TrainingError, RegistryError, FileNotFoundError):
+    with _refusing(ConfigError, SweepError, TrainingError, RegistryError, FileNotFoundError), \
+            _refusing(SweepInterrupted, code=130):
         result = run_sweep(sweep_file, name=name, resume=resume, sweeps_dir=sweeps_dir, address=address,
                            tracking_uri=tracking_uri, retry_failed=retry_failed, log=console.print)
     print_sweep_result(result)
@@ -578,7 +579,7 @@ def promote(
     corpus = _exit_on_bad_manifest(manifest)
     with _refusing(RegistryError):
         decision = promote_model(model_name, held_out_scorer(corpus, cache, address), force,
-                                 tracking_uri=_tracking_uri(tracking_uri))
+                                 tracking_uri=_tracking_uri(tracking_uri), metric=held_out_metric(manifest))
     print_promotion(decision)
 
 
@@ -596,6 +597,10 @@ def held_out_scorer(corpus: Manifest, cache: Path, address: Optional[str] = None
         return sum(values) / len(values) if values else math.nan
 
     return score
+
+
+def held_out_metric(manifest: Path) -> str:
+    return f"mean over tasks of macro one-vs-rest ROC AUC on {manifest} (fold models averaged)"
 
 
 def print_promotion(decision) -> None:

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from hilbert.losses import linear_cka
@@ -146,6 +147,7 @@ def segment_attention(weights: Sequence[np.ndarray], titles: Sequence[str] | Non
             document = document.reshape(-1, document.shape[-1])
         image = ax.imshow(document, aspect="auto", cmap="magma", vmin=0)
         ax.set(yticks=range(len(rows)), xlabel="segment", title=titles[index] if titles else f"document {index}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_yticklabels(rows, fontsize="small")
         figure.colorbar(image, ax=ax, pad=0.01)
     return figure

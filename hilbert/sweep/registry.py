@@ -261,12 +261,13 @@ class PromotionDecision:
 
 
 def promote(model_name: str, evaluate: Callable[[Path], float], force: bool = False, *,
-            tracking_uri: str | None = None, challenger: str = CHALLENGER, champion: str = CHAMPION
-            ) -> PromotionDecision:
+            tracking_uri: str | None = None, challenger: str = CHALLENGER, champion: str = CHAMPION,
+            metric: str | None = None) -> PromotionDecision:
     """Score the ``challenger`` and the ``champion`` version with ``evaluate`` (a local model
     folder -> a score, higher is better) and move ``champion`` to the challenger when it scores
     higher, when there is no champion (or the champion cannot be scored: NaN), or when ``force``.
-    The decision and both scores go into the challenger's tags and description."""
+    The decision and both scores go into the challenger's tags and description; ``metric`` says
+    what the score is (e.g. "mean macro AUC on held_out.jsonl"), recorded beside it."""
     store, client = registry_client(tracking_uri)
     aliases = _aliases(client, model_name)
     if challenger not in aliases:
@@ -285,6 +286,8 @@ def promote(model_name: str, evaluate: Callable[[Path], float], force: bool = Fa
     if decision.promoted:
         client.set_registered_model_alias(model_name, champion, new)
     _record(client, decision, champion)
+    if metric:
+        client.set_model_version_tag(model_name, new, "promotion.metric", metric)
     return decision
 
 

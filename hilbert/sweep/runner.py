@@ -37,19 +37,24 @@ from typing import Any, Callable
 from hilbert.config import from_dict, to_dict
 from hilbert.sweep.config import SweepConfig, load_sweep
 from hilbert.sweep.tracking import (FAILED, FINISHED, KILLED, Experiment, SweepTracker, TrialTracker, end_trial,
-                                    find_trial_run, leaderboard, resolve_tracking_uri)
+                                    find_trial_run, leaderboard, resolve_tracking_uri, source_tags)
 from hilbert.train.config import TrainConfig
 
 STATE_FILE = "sweep.json"
 OBJECTIVE = "objective"
 TIME_ATTR = "epochs_completed"
 # What a trial reports that belongs in MLflow (Tune adds pids, hostnames, timestamps, ...).
-_REPORTED = ("objective", "epoch", "epochs_completed", "active_folds")
+_REPORTED = ("objective", "epoch_score", "epoch", "epochs_completed", "active_folds")
 _REPORTED_PREFIXES = ("val/", "train/", "time/")
 
 
 class SweepError(RuntimeError):
     """A sweep that cannot start or resume as asked (the message says what to change)."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep stopped before every trial ended (Ctrl-C): its run ends KILLED, nothing is
+    registered, and ``--resume`` continues it."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +141,7 @@ class TrialSetup:
     experiment: Experiment
     parent_run_id: str
     folder: SweepFolder
+    run_tags: dict[str, str] = dataclasses.field(default_factory=dict)  # user, source, commit for each trial
 
 
 def pair_key(audio_encoder: str, text_encoder: str) -> str:
@@ -163,7 +169,8 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
             "config": to_dict(config.variant("hilbert"))}
     # Every hyperparameter of the trial: the searched values, then the whole training config.
     params = {**values, "config": to_dict(config.variant("hilbert"))}
-    with TrialTracker(setup.experiment, setup.parent_run_id, trial_id, params, name=trial_run_name(trial_id)) as run:
+    with TrialTracker(setup.experiment, setup.parent_run_id, trial_id, params, name=trial_run_name(trial_id),
+                      tags=setup.run_tags) as run:
         # Same Train run name on every attempt: a restarted trial resumes from its last epoch.
         trainer = build_trainer(plan, config, trial_id, setup.folder.train, callbacks=[TuneReportCallback()])
         fit = trainer.fit()
@@ -381,7 +388,7 @@ def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, 
     experiment = Experiment.open(uri, state.experiment if state else sweep.tracking.experiment)
     if state is None:
         tracker = SweepTracker.start(
-            experiment, folder.root.name, search_space={k: dataclasses.asdict(p) for k, p in sweep.search.items()},
+            experiment, folder.root.name, search_space={k: _defined(p) for k, p in sweep.search.items()},
             objective=dataclasses.asdict(sweep.objective), manifest_fingerprint=prepared.manifest_sha256,
             encoders=prepared.encoder_keys, config={"sweep": to_dict(sweep), "base": to_dict(sweep.base_config)},
             tags={"sweep_folder": str(folder.root)})
@@ -396,13 +403,18 @@ def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, 
 
     with tracker:
         _run_tuner(sweep, prepared, TrialSetup(sweep, prepared.plans, prepared.classes, experiment,
-                                               state.parent_run_id, folder),
+                                               state.parent_run_id, folder, source_tags()),
                    folder, address=address, resuming=resume is not None, retry_failed=retry_failed, log=log)
         rows = leaderboard(experiment, state.parent_run_id, OBJECTIVE)
         best, version = _register_best(sweep, state, folder, experiment, rows, log)
         _summarise_in_parent(tracker, rows, best, version)
     return SweepResult(state.name, folder.root, uri, experiment, state.parent_run_id, rows, best,
                        sweep.tracking.model_name, version, time.perf_counter() - started)
+
+
+def _defined(parameter) -> dict[str, Any]:
+    """A parameter's definition without the fields it does not use (``log: false`` of a loguniform)."""
+    return {key: value for key, value in dataclasses.asdict(parameter).items() if value not in (None, False)}
 
 
 def _locate(name: str, sweep_file: str | Path | None, sweeps_dir: str | Path | None,
@@ -476,7 +488,13 @@ def _run_tuner(sweep: SweepConfig, prepared: _Prepared, setup: TrialSetup, folde
                                       callbacks=[callback], verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
         )
-    tuner.fit()
+    grid = tuner.fit()
+    ended = grid.num_terminated + grid.num_errors
+    if ended < sweep.trials:
+        # Tune turns Ctrl-C (SIGINT) into a saved, stopped experiment and returns normally.
+        raise SweepInterrupted(f"sweep {folder.root.name!r} stopped with {ended} of {sweep.trials} trials ended; "
+                               f"continue it with: hilbert sweep --resume {folder.root.name} "
+                               f"--sweeps-dir {folder.root.parent}")
 
 
 def _fitting_concurrency(sweep: SweepConfig, resources: dict[str, Any], *, local: bool,

@@ -272,14 +272,27 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     return versions
 
 
-def provenance_tags(manifest_fingerprint: str | None, encoders: Mapping[str, Any] | None) -> dict[str, str]:
-    """Tags that say which code, libraries, corpus and cached features a sweep used."""
-    tags = {f"version/{name}": version for name, version in package_versions().items()}
+def source_tags() -> dict[str, str]:
+    """Who ran it and from which code: MLflow's own tags, which its UI shows (user, source, commit)."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = "unknown"
+    tags = {"mlflow.user": user, "mlflow.source.name": "hilbert sweep", "mlflow.source.type": "LOCAL"}
     commit = git_commit(Path(__file__).resolve().parent)
     if commit:
         sha, dirty = commit
-        tags["mlflow.source.git.commit"] = sha  # the MLflow UI shows this one
+        tags["mlflow.source.git.commit"] = sha
         tags["git_dirty"] = str(dirty).lower()
+    return tags
+
+
+def provenance_tags(manifest_fingerprint: str | None, encoders: Mapping[str, Any] | None) -> dict[str, str]:
+    """Tags that say which code, libraries, corpus and cached features a sweep used."""
+    tags = {f"version/{name}": version for name, version in package_versions().items()}
+    tags.update(source_tags())
     if manifest_fingerprint:
         tags["manifest_fingerprint"] = manifest_fingerprint
     for modality, key in (encoders or {}).items():

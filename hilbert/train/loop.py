@@ -111,6 +111,8 @@ class FoldRun:
     train_loader: DataLoader
     validation: DocumentFeatures
     best_score: float = -math.inf
+    last_score: float = math.nan  # validation score (the objective's weighted AUC) of scored_epoch
+    scored_epoch: int = -1
     best_epoch: int = -1
     epochs_since_best: int = 0
     done: bool = False
@@ -327,6 +329,7 @@ def _update_early_stopping(run: FoldRun, epoch: int, config: TrainConfig, contex
         shared = [score]
         dist.broadcast_object_list(shared, src=0)
         score = shared[0]
+    run.last_score, run.scored_epoch = score, epoch
     if not math.isnan(score) and score > run.best_score:
         run.best_score, run.best_epoch, run.epochs_since_best = score, epoch, 0
         run.best_state = {k: v.detach().cpu().clone() for k, v in run.core.state_dict().items()}
@@ -343,6 +346,9 @@ def _epoch_metrics(runs: list[FoldRun], epoch: int) -> dict[str, Any]:
     metrics: dict[str, Any] = {"epoch": epoch, "epochs_completed": epoch + 1, "active_folds": sum(not r.done for r in runs)}
     best = [r.best_score for r in runs if r.best_score > -math.inf]
     metrics["objective"] = float(np.mean(best)) if best else math.nan  # mean over folds of best-so-far
+    # The learning curve (objective never falls): this epoch's score, over the folds it trained.
+    trained = [r.last_score for r in runs if r.scored_epoch == epoch and not math.isnan(r.last_score)]
+    metrics["epoch_score"] = float(np.mean(trained)) if trained else math.nan
     for prefix, source in (("train", "last_train"), ("val", "last_validation")):
         names = sorted({name for run in runs for name in getattr(run, source)})
         for name in names:

@@ -1,0 +1,154 @@
+"""What the sweep orchestration costs: the same N trials as a plain sequential Optuna loop in one
+process, and through ``hilbert sweep`` (Ray Tune + Ray Train + MLflow), measured in one run.
+
+    python benchmarks/sweep.py [--trials 4] [--epochs 8] [--sweep tune/demo.yaml]
+
+Run from the repository root after `hilbert demo` (it uses the demo corpus and its feature
+cache). Every mode samples the same configurations (Optuna's random sampler, same seed, no
+early stopping by a scheduler, patience past the last epoch) on the same folds, so the training
+work is the same; "training" is the sum of the per-epoch train + validation + checkpoint
+seconds the training loop measures itself, and "overhead a trial" is what the rest of the wall
+time costs per trial: process and actor start-up, DDP set-up, MLflow logging, figures, model
+upload, Tune's bookkeeping. Equal total CPU: the loop runs with 2 torch threads; the sweep runs
+either 1 trial x 2 DDP workers x 1 CPU or 2 concurrent trials x 1 worker x 1 CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+EPOCH_PARTS = ("time/train_seconds", "time/validation_seconds", "time/checkpoint_seconds")
+
+
+def sweep_file(source: Path, folder: Path, *, trials: int, epochs: int, concurrency: int, workers: int,
+               experiment: str) -> Path:
+    """The benchmark's variant of a sweep YAML: no scheduler, random search, fixed epochs."""
+    definition = yaml.safe_load(source.read_text(encoding="utf-8"))
+    definition["base"] = str((source.parent / definition["base"]).resolve())
+    overrides = definition.setdefault("overrides", {})
+    overrides["optimization"] = {**overrides.get("optimization", {}), "epochs": epochs, "patience": epochs + 1}
+    overrides["output_dir"] = str(folder / "runs")
+    definition.update(trials=trials, concurrency=concurrency, scheduler={"type": "none"},
+                      searcher={"type": "random", "seed": 0},
+                      resources={"workers_per_trial": workers, "cpus_per_worker": 1},
+                      tracking={"experiment": experiment, "model_name": f"bench-{experiment}",
+                                "uri": f"sqlite:///{folder / 'mlruns.db'}"})
+    path = folder / f"{experiment}.yaml"
+    path.write_text(yaml.safe_dump(definition), encoding="utf-8")
+    return path
+
+
+def sequential_optuna(path: Path, trials: int) -> dict[str, float]:
+    """A researcher's notebook loop: Optuna asks, one process trains all folds, Optuna is told."""
+    import optuna
+    import torch
+
+    from hilbert.config import to_dict
+    from hilbert.sweep.config import load_sweep
+    from hilbert.train.loop import WorkerContext, train_folds
+    from hilbert.train.run import make_plan, prepare_data
+
+    torch.set_num_threads(2)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    sweep = load_sweep(path)
+    data = prepare_data(sweep.trial_config({}), log=lambda line: None)
+    training, objectives = [], []
+
+    def objective(trial: optuna.Trial) -> float:
+        sampled = dict(trial.params)
+        config = sweep.trial_config(sweep.trial_values(sampled))
+        plan = {**make_plan(config, data, "hilbert"), "config": to_dict(config.variant("hilbert"))}
+        seconds, last = [0.0], {}
+
+        def report(metrics, checkpoint):
+            seconds[0] += sum(metrics[part] for part in EPOCH_PARTS)
+            last.update(metrics)
+
+        train_folds(plan, WorkerContext(report=report))
+        training.append(seconds[0])
+        objectives.append(last["objective"])
+        return last["objective"]
+
+    # ask/tell with the sweep's distributions: what Tune's OptunaSearch does, so both sample alike.
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    space = {key: parameter.optuna_distribution() for key, parameter in sweep.search.items()}
+    for _ in range(trials):
+        trial = study.ask(space)
+        study.tell(trial, objective(trial))
+    wall = time.perf_counter() - started
+    return summary("sequential Optuna loop, 1 process, 2 threads", wall, training, objectives, start=0.0, slots=1)
+
+
+def through_hilbert_sweep(path: Path, label: str, slots: int) -> dict[str, float]:
+    from hilbert.ray_runtime import connect
+    from hilbert.sweep.runner import run_sweep
+    from hilbert.sweep.tracking import child_runs
+
+    started = time.perf_counter()
+    connect(None)  # Ray's start is paid once per session, not per trial: timed apart
+    ray_start = time.perf_counter() - started
+    result = run_sweep(path, name=path.stem, log=lambda line: None)
+    wall = time.perf_counter() - started
+    training, objectives = [], []
+    client = result.experiment.client
+    for run in child_runs(result.experiment, result.parent_run_id):
+        histories = [client.get_metric_history(run.info.run_id, part) for part in EPOCH_PARTS]
+        training.append(sum(m.value for history in histories for m in history))
+        objectives.append(run.data.metrics.get("objective", math.nan))
+    return summary(label, wall, training, objectives, start=ray_start, slots=slots)
+
+
+def summary(label: str, wall: float, training: list[float], objectives: list[float], start: float,
+            slots: int) -> dict:
+    """``slots`` trials train at once: the overhead a trial is the slot-seconds not spent training."""
+    trials = len(training)
+    return {"mode": label, "trials": trials, "wall_s": wall, "ray_start_s": start, "training_s": sum(training),
+            "overhead_per_trial_s": (slots * (wall - start) - sum(training)) / max(trials, 1),
+            "mean_objective": statistics.fmean(objectives) if objectives else math.nan}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--sweep", type=Path, default=Path("tune/demo.yaml"))
+    parser.add_argument("--modes", default="loop,ddp,concurrent", help="comma-separated: loop, ddp, concurrent")
+    arguments = parser.parse_args()
+    modes = arguments.modes.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hilbert-bench-sweep-") as folder:
+        folder = Path(folder)
+        common = dict(trials=arguments.trials, epochs=arguments.epochs)
+        if "loop" in modes:
+            path = sweep_file(arguments.sweep, folder, concurrency=1, workers=1, experiment="loop", **common)
+            rows.append(sequential_optuna(path, arguments.trials))
+        if "ddp" in modes:
+            path = sweep_file(arguments.sweep, folder, concurrency=1, workers=2, experiment="ddp", **common)
+            rows.append(through_hilbert_sweep(path, "hilbert sweep, 1 trial at a time x 2 DDP workers x 1 CPU",
+                                             slots=1))
+        if "concurrent" in modes:
+            path = sweep_file(arguments.sweep, folder, concurrency=2, workers=1, experiment="concurrent", **common)
+            rows.append(through_hilbert_sweep(path, "hilbert sweep, 2 trials at a time x 1 worker x 1 CPU",
+                                             slots=2))
+    print(f"\n{arguments.trials} trials x {arguments.epochs} epochs, every fold, {os.cpu_count()} CPU cores")
+    header = f"{'mode':58} {'wall s':>8} {'Ray start s':>11} {'training s':>10} {'overhead/trial s':>16} {'objective':>9}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['mode']:58} {row['wall_s']:8.1f} {row['ray_start_s']:11.1f} {row['training_s']:10.1f} "
+              f"{row['overhead_per_trial_s']:16.1f} {row['mean_objective']:9.4f}")
+
+
+if __name__ == "__main__":
+    main()
