@@ -19,8 +19,10 @@ app = typer.Typer(
     help="HILBERT: document-level audio-text embeddings from long recordings with transcripts.\n\n"
          "Typical flow: `hilbert demo-data` (or your own manifest) -> `hilbert validate` -> "
          "`hilbert extract` (frozen-encoder features, cached once) -> `hilbert train` (k-fold CV on "
-         "Ray Train) -> `hilbert evaluate` / `predict` / `embed`. `hilbert demo` runs the whole job "
-         "on the bundled demo corpus.",
+         "Ray Train) or `hilbert sweep` (Ray Tune + Optuna over k-fold trials, logged to MLflow) -> "
+         "`hilbert runs` (leaderboard) -> `hilbert promote` (challenger vs champion) -> `hilbert "
+         "evaluate` / `predict` / `embed` (a folder or models:/NAME@champion). `hilbert demo` runs the "
+         "whole job on the bundled demo corpus.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -610,3 +612,7 @@ def print_promotion(decision) -> None:
 
 def main() -> None:  # pragma: no cover - console script entry point
     sys.exit(app())
+
+
+if __name__ == "__main__":  # python -m hilbert.cli
+    main()

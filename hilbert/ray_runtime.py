@@ -27,6 +27,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": not quiet}
         if local:
+            # Train's controller looks at its workers (and collects their reports) every 2 s by
+            # default: on short trials that is seconds of waiting per trial and per epoch.
+            os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
             # The dashboard serves Ray's State API, which Train needs to free the workers of a
             # trial that a Tune scheduler stopped early; loopback only.
             port = _free_port()

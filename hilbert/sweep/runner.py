@@ -29,6 +29,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +45,13 @@ from hilbert.train.config import TrainConfig
 STATE_FILE = "sweep.json"
 OBJECTIVE = "objective"
 TIME_ATTR = "epochs_completed"
+RESTORED = "restored_from_mlflow"  # a result re-reported from a finished run, not a new epoch
 # What a trial reports that belongs in MLflow (Tune adds pids, hostnames, timestamps, ...).
 _REPORTED = ("objective", "epoch_score", "epoch", "epochs_completed", "active_folds")
 _REPORTED_PREFIXES = ("val/", "train/", "time/")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colours in Ray's error text
 
 
 class SweepError(RuntimeError):
@@ -108,7 +114,8 @@ class SweepState:
     registered_run_id: str | None = None
 
     def sweep_config(self) -> SweepConfig:
-        sweep = from_dict(SweepConfig, self.sweep)
+        # base_config is derived (init=False): it is stored apart, as base_config.
+        sweep = from_dict(SweepConfig, {k: v for k, v in self.sweep.items() if k != "base_config"})
         sweep.base_config = from_dict(TrainConfig, self.base_config)
         return sweep
 
@@ -163,6 +170,8 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
     from hilbert.train.run import build_trainer, collect_fold_models
 
     trial_id = tune.get_context().get_trial_id()
+    if _report_if_already_finished(setup, trial_id):
+        return
     values = setup.sweep.trial_values(_unflatten_keys(sampled))
     config = setup.sweep.trial_config(values)
     plan = {**setup.plans[pair_key(config.data.audio_encoder, config.data.text_encoder)],
@@ -179,6 +188,24 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
         outputs = out_of_fold_outputs(Path(models), plan)
         run.log_figures(trial_figures(outputs, setup.classes))
         log_model(run.run_id, models, tracking_uri=setup.experiment.uri)
+
+
+def _report_if_already_finished(setup: TrialSetup, trial_id: str) -> bool:
+    """A trial that finished and logged its model, but that Tune's saved state (written every few
+    seconds) still shows running when the driver died, is not trained again on resume: its
+    final result is reported from MLflow so the searcher still learns it."""
+    from ray import tune
+
+    from hilbert.sweep.registry import MODEL_FOLDER
+
+    run = find_trial_run(setup.experiment, setup.parent_run_id, trial_id)
+    if run is None or run.info.status != FINISHED or OBJECTIVE not in run.data.metrics:
+        return False
+    if not setup.experiment.client.list_artifacts(run.info.run_id, MODEL_FOLDER):
+        return False
+    metrics = {key: value for key, value in run.data.metrics.items() if key in _REPORTED}
+    tune.report({**metrics, RESTORED: True})
+    return True
 
 
 def _unflatten_keys(sampled: dict[str, Any]) -> dict[str, Any]:
@@ -239,7 +266,7 @@ class TrialRunsCallback(_callback_base()):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         trial_id = trial.trial_id
         run_id = self._run_id(trial_id)
-        if run_id is not None:
+        if run_id is not None and not result.get(RESTORED):
             metrics = {k: v for k, v in result.items() if k in _REPORTED or k.startswith(_REPORTED_PREFIXES)}
             tracker = TrialTracker(self.experiment, self.parent_run_id, trial_id)
             tracker.run_id = run_id
@@ -269,8 +296,8 @@ class TrialRunsCallback(_callback_base()):
                                   name=trial_run_name(trial.trial_id)) as tracker:
                     tracker.end(FAILED)
         run = find_trial_run(self.experiment, self.parent_run_id, trial.trial_id)
-        if run is not None:
-            self.experiment.client.set_tag(run.info.run_id, "error", message[:5000])
+        if run is not None:  # the cause is at the end of a traceback: keep the end
+            self.experiment.client.set_tag(run.info.run_id, "error", message[-5000:])
         self._say(f"{trial_run_name(trial.trial_id)} FAILED: {message.splitlines()[-1] if message else 'no message'}")
 
     def _say(self, line: str) -> None:
@@ -317,10 +344,10 @@ def _error_summary(trial) -> str:
     for attribute in ("error_msg", "error_message"):
         text = getattr(trial, attribute, None)
         if isinstance(text, str) and text:
-            return text
+            return _ANSI.sub("", text)
     path = getattr(trial, "error_file", None)
     try:
-        return Path(path).read_text(encoding="utf-8", errors="replace").strip() if path else ""
+        return _ANSI.sub("", Path(path).read_text(encoding="utf-8", errors="replace").strip()) if path else ""
     except OSError:
         return ""
 
@@ -462,6 +489,9 @@ def _run_tuner(sweep: SweepConfig, prepared: _Prepared, setup: TrialSetup, folde
 
     from hilbert.ray_runtime import connect, dashboard_url
 
+    # Tune saves its experiment state at most every 10 s by default; a driver killed in between
+    # forgets the trials that ended meanwhile. The state of a sweep is small: save it often.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     resources = connect(address)
     concurrency = _fitting_concurrency(sweep, resources, local=address in (None, "", "local"), log=log)
     url = dashboard_url()
@@ -540,21 +570,49 @@ def _searcher(sweep: SweepConfig):
 
 
 def _scheduler(sweep: SweepConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+    from ray.tune.schedulers import FIFOScheduler
 
     settings = sweep.scheduler
     assert sweep.base_config is not None
     epochs = sweep.trial_config({}).optimization.epochs
     if settings.type == "asha":
-        # max_t past the last epoch: ASHA must never stop a trial at its final report, which
-        # would kill it before it logs its model.
-        return ASHAScheduler(time_attr=TIME_ATTR, metric=OBJECTIVE, mode=sweep.objective.mode, max_t=epochs + 1,
-                             grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
+        return AshaLettingTrialsFinish(
+            epochs, time_attr=TIME_ATTR, metric=OBJECTIVE, mode=sweep.objective.mode, max_t=epochs + 1,
+            grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
     if settings.type == "median":
-        return MedianStoppingRule(time_attr=TIME_ATTR, metric=OBJECTIVE, mode=sweep.objective.mode,
-                                  grace_period=settings.grace_period, min_samples_required=2)
+        return MedianLettingTrialsFinish(
+            epochs, time_attr=TIME_ATTR, metric=OBJECTIVE, mode=sweep.objective.mode,
+            grace_period=settings.grace_period, min_samples_required=2)
     return FIFOScheduler()
 
+
+class _FinalReportContinues:
+    """Mixin for a Tune scheduler: never stop a trial on its final report (the last epoch, or the
+    epoch where every fold stopped early). Stopping it there would kill it before it logs its
+    fold table, figures and model, for no saving; a rung of ASHA can fall on the last epoch
+    (grace 5, factor 2, 20 epochs), so ``max_t`` alone does not prevent it."""
+
+    def __init__(self, epochs: int, **settings):
+        super().__init__(**settings)
+        self._epochs = epochs
+
+    def on_trial_result(self, tune_controller, trial, result):
+        from ray.tune.schedulers import TrialScheduler
+
+        decision = super().on_trial_result(tune_controller, trial, result)
+        final = result.get(TIME_ATTR, 0) >= self._epochs or result.get("active_folds", 1) == 0
+        return TrialScheduler.CONTINUE if final else decision
+
+
+from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule  # noqa: E402  (ray.tune is loaded above)
+
+
+class AshaLettingTrialsFinish(_FinalReportContinues, ASHAScheduler):
+    """ASHA that lets a trial's final report through (module level: Tune pickles its scheduler)."""
+
+
+class MedianLettingTrialsFinish(_FinalReportContinues, MedianStoppingRule):
+    """Median stopping that lets a trial's final report through."""
 
 def _register_best(sweep: SweepConfig, state: SweepState, folder: SweepFolder, experiment: Experiment,
                    rows: list[dict[str, Any]], log: Callable[[str], None]) -> tuple[dict[str, Any] | None, str | None]:

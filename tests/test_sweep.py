@@ -1,0 +1,357 @@
+"""Sweeps end to end on a 2-CPU local Ray: Optuna proposes, ASHA prunes, every trial a k-fold
+Ray Train DDP run, MLflow keeps a parent run and one child run per trial, the best trial's model
+is registered as the ``challenger`` and predicts from its alias in a fresh process; a trial that
+raises ends FAILED while the sweep goes on; a sweep whose driver was SIGKILLed resumes without
+re-running what had finished.
+
+The corpus is small (36 demo documents), the encoders weight-free (``logmel`` and a 256-d
+``hashngram``) and the model tiny, so a trial costs Ray's fixed overhead (a Tune actor, a Train
+controller and its workers: about 15 s on 2 cores) more than training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from hilbert.data.demo import DEMO_TASKS, write_demo_corpus
+from hilbert.data.manifest import load_manifest
+from hilbert.features.cache import FeatureCache
+from hilbert.features.extract import extract_features
+from hilbert.sweep.runner import run_sweep
+from hilbert.sweep.tracking import FAILED, FINISHED, KILLED, PARENT_TAG, ROLE_TAG, RUNNING, TRIAL_ID_TAG
+from test_extract import kill_session
+
+pytestmark = pytest.mark.slow
+REPOSITORY = Path(__file__).parents[1]
+HILBERT = str(Path(sys.executable).parent / "hilbert")  # the console script, as users run it
+TEXT_256, TEXT_128 = "hashngram?dim=256", "hashngram?dim=128"
+DOCUMENTS = 36
+EPOCHS = 4
+FOLDS = 3
+
+# ---------------------------------------------------------------------------------------------
+# A corpus, a base training config and a sweep definition, all under tmp folders
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The demo corpus, small: its four tasks (one needs both modalities) and imbalanced classes."""
+    return write_demo_corpus(tmp_path_factory.mktemp("sweep-corpus"), n_documents=DOCUMENTS, seed=4)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """A feature cache the sweeps of intact features share (extracted once, then cache hits)."""
+    return tmp_path_factory.mktemp("sweep-cache")
+
+
+def write_sweep(root: Path, manifest: Path, *, name: str, trials: int, search: dict[str, Any],
+                cache: Path | None = None, epochs: int = EPOCHS, workers: int = 2, concurrency: int = 1,
+                scheduler: dict[str, Any] | None = None, searcher: dict[str, Any] | None = None,
+                max_failures: int = 1, overrides: dict[str, Any] | None = None) -> Path:
+    """``root/train.yaml`` (absolute paths) and ``root/sweep.yaml``; returns the sweep file."""
+    base = {
+        "name": name,
+        "output_dir": str(root / "runs"),
+        "data": {"manifest": str(manifest), "cache_dir": str(cache or root / "cache"), "audio_encoder": "logmel",
+                 "text_encoder": TEXT_256, "max_segments": 32},
+        "model": {"d_model": 16, "d_embed": 16, "n_heads": 2, "n_cross_layers": 1, "pooling_heads": 1,
+                  "dropout": 0.1, "n_experts": 2, "expert_hidden": 16, "head": "moe"},
+        "optimization": {"epochs": epochs, "batch_size": 8, "learning_rate": 0.003, "patience": epochs},
+        "cv": {"folds": FOLDS, "stratify": "topic"},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "variants": ["hilbert"],
+        "baseline": False,
+    }
+    (root / "train.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
+    sweep = {
+        "name": name,
+        "base": "train.yaml",
+        "trials": trials,
+        "concurrency": concurrency,
+        "resources": {"workers_per_trial": workers, "cpus_per_worker": 1},
+        "scheduler": scheduler or {"type": "none"},
+        "searcher": searcher or {"type": "optuna_tpe", "seed": 0, "startup_trials": 2},
+        "max_failures": max_failures,
+        "tracking": {"experiment": f"exp-{name}", "model_name": f"model-{name}"},
+        "search": search,
+    }
+    if overrides:
+        sweep["overrides"] = overrides
+    path = root / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep), encoding="utf-8")
+    return path
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a CLI run in a new process: this checkout, no inherited Ray cluster or
+    MLflow store (they are passed explicitly or started fresh)."""
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    return env
+
+
+def store(root: Path) -> str:
+    return f"sqlite:///{root / 'mlruns.db'}"
+
+
+def children(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    runs = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1000)
+    return sorted(runs, key=lambda run: run.info.start_time)
+
+
+def artifact_paths(client: MlflowClient, run_id: str, folder: str = "") -> set[str]:
+    found = set()
+    for entry in client.list_artifacts(run_id, folder or None):
+        found |= artifact_paths(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return found
+
+
+def objective_history(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "objective"))
+
+
+def best_finished(runs: list) -> Any:
+    finished = [r for r in runs if r.info.status == FINISHED and math.isfinite(r.data.metrics.get("objective", math.nan))]
+    assert finished, "no trial finished"
+    return max(finished, key=lambda r: r.data.metrics["objective"])
+
+
+def assert_challenger_is(client: MlflowClient, model_name: str, run) -> str:
+    version = client.get_model_version_by_alias(model_name, "challenger")
+    assert version.run_id == run.info.run_id, (version.run_id, run.info.run_id)
+    return str(version.version)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A whole sweep: 3 trials of 2 DDP workers on 2 CPUs, ASHA, MLflow, registry, predict by alias
+
+
+def test_sweep_tracks_every_trial_registers_the_best_and_predicts_from_its_alias(local_ray, corpus: Path,
+                                                                                  shared_cache: Path, tmp_path: Path):
+    sweep_file = write_sweep(
+        tmp_path, corpus, name="full", trials=3, cache=shared_cache,
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        searcher={"type": "optuna_tpe", "seed": 0, "startup_trials": 2},
+        search={"optimization.learning_rate": {"type": "loguniform", "low": 0.0003, "high": 0.01},
+                "loss.lambda_cka": {"type": "loguniform", "low": 0.005, "high": 0.2}})
+    uri = store(tmp_path)
+    lines: list[str] = []
+    result = run_sweep(sweep_file, name="full", tracking_uri=uri, log=lines.append)
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == FINISHED and parent.data.tags[ROLE_TAG] == "sweep"
+    runs = children(client, result.experiment.experiment_id, result.parent_run_id)
+    assert len(runs) == 3, [r.info.run_name for r in runs]
+    assert len({r.data.tags[TRIAL_ID_TAG] for r in runs}) == 3
+    assert all(r.data.tags[ROLE_TAG] == "trial" for r in runs)
+    assert all({"optimization.learning_rate", "loss.lambda_cka"} <= set(r.data.params) for r in runs)
+    statuses = [r.info.status for r in runs]
+    assert set(statuses) <= {FINISHED, KILLED}, statuses
+    assert {row["run_id"]: row["status"] for row in result.rows} == {r.info.run_id: r.info.status for r in runs}
+
+    for run in runs:
+        history = objective_history(client, run.info.run_id)
+        steps = [step for step, _ in history]
+        assert len(steps) == len(set(steps)) and len(steps) >= 1, (run.info.run_name, history)
+        assert all(0.0 <= value <= 1.0 for _, value in history)
+        if run.info.status == KILLED:  # stopped by ASHA before its last epoch
+            assert run.data.tags.get("stopped_by") == "asha", run.data.tags
+            assert len(steps) < EPOCHS, f"{run.info.run_name} was stopped at its last epoch, before logging its model"
+            continue
+        assert len(steps) == EPOCHS, (run.info.run_name, history)
+        artifacts = artifact_paths(client, run.info.run_id)
+        assert "folds/metrics.csv" in artifacts and "model/signature.json" in artifacts
+        assert any(path.startswith("figures/") and path.endswith(".png") for path in artifacts)
+        assert {f"model/fold_{fold}/model.safetensors" for fold in range(FOLDS)} <= artifacts
+        table = client.download_artifacts(run.info.run_id, "folds/metrics.csv", str(tmp_path))
+        assert Path(table).read_text().splitlines()[0].startswith("fold,")
+
+    best = best_finished(runs)
+    assert result.best is not None and result.best["run_id"] == best.info.run_id
+    version = assert_challenger_is(client, result.model_name, best)
+    assert result.model_version == version
+    assert parent.data.tags["best_run_id"] == best.info.run_id and parent.data.tags["registered_version"] == version
+    assert any(f"version {version}, alias challenger" in line for line in lines), lines
+
+    # A new process knows nothing but the store and the alias.
+    out = tmp_path / "predictions.parquet"
+    done = subprocess.run([HILBERT, "predict", f"models:/{result.model_name}@challenger", str(corpus), str(out),
+                           "--cache", str(shared_cache), "--tracking-uri", uri],
+                          env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = pq.read_table(out).to_pandas()
+    assert len(table) == DOCUMENTS and table["doc_id"].is_unique
+    for task in DEMO_TASKS:
+        columns = [c for c in table.columns if c.startswith(f"{task.name}/p/")]
+        assert sorted(c.split("/")[-1] for c in columns) == sorted(task.classes)
+        np.testing.assert_allclose(table[columns].sum(axis=1), 1.0, rtol=1e-5)
+
+    # Promotion from the command line: no champion yet, so the challenger becomes it, with the
+    # held-out score and what it measures recorded on the version.
+    done = subprocess.run([HILBERT, "promote", result.model_name, "--manifest", str(corpus), "--cache", str(shared_cache),
+                           "--tracking-uri", uri], env=subprocess_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "promoted" in done.stdout, done.stdout + done.stderr
+    assert str(client.get_model_version_by_alias(result.model_name, "champion").version) == version
+    tags = client.get_model_version(result.model_name, version).tags
+    assert tags["promotion.decision"] == "promoted" and "macro one-vs-rest ROC AUC" in tags["promotion.metric"]
+    # The leaderboard from MLflow in the terminal: every trial, and how to open the UI.
+    done = subprocess.run([HILBERT, "runs", "--tracking-uri", uri], env={**subprocess_env(), "COLUMNS": "250"},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert all(run.info.run_name in done.stdout for run in runs) and "mlflow ui --backend-store-uri" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. A trial that raises ends FAILED, and the sweep goes on
+
+
+def test_a_failing_trial_ends_failed_and_the_sweep_goes_on(local_ray, corpus: Path, shared_cache: Path,
+                                                          tmp_path: Path):
+    manifest = load_manifest(corpus)
+    sets = {text: extract_features(manifest, "logmel", text, shared_cache, progress=False).feature_set
+            for text in (TEXT_256, TEXT_128)}
+    # Break the 128-d pair (which no other test uses): one document's text entry loses its last
+    # segment row. It is still a well-formed safetensors entry (the cache's has() accepts it, so
+    # nothing is extracted again) but its segments no longer match the audio's: loading it raises.
+    broken = sorted(sets[TEXT_128].documents)[0]
+    key = sets[TEXT_128].documents[broken]["text"]
+    assert key != sets[TEXT_256].documents[broken]["text"]
+    entries = FeatureCache(shared_cache)
+    features = entries.get("text", key)
+    assert features.shape[0] >= 2
+    entries.put("text", key, features[:-1], doc_id=broken, encoder=TEXT_128)
+    assert entries.has("text", key)
+
+    sweep_file = write_sweep(
+        tmp_path, corpus, name="failing", trials=2, cache=shared_cache, workers=1, max_failures=0,
+        overrides={"scaling": {"max_failures": 0}},
+        # Random search with this seed samples the broken pair, then the intact one (Optuna
+        # samples a choice as its index); asserted below.
+        searcher={"type": "random", "seed": 8},
+        search={"data.encoders": {"type": "choice", "values": [["logmel", TEXT_256], ["logmel", TEXT_128]]}})
+    uri = store(tmp_path)
+    result = run_sweep(sweep_file, name="failing", tracking_uri=uri, log=lambda line: None)
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert client.get_run(result.parent_run_id).info.status == FINISHED
+    runs = children(client, result.experiment.experiment_id, result.parent_run_id)
+    assert len({r.data.tags[TRIAL_ID_TAG] for r in runs}) == len(runs) == 2
+    text_encoders = [r.data.params.get("config.data.text_encoder") for r in runs]
+    assert text_encoders == [TEXT_128, TEXT_256], text_encoders  # oldest first: the broken pair failed first
+    failed, finished = runs
+    assert failed.info.status == FAILED, failed.info.status
+    error = failed.data.tags.get("error", "")
+    assert f"doc_id {broken!r}" in error and "CacheError" in error, error
+    assert finished.info.status == FINISHED and "error" not in finished.data.tags
+    assert len(objective_history(client, finished.info.run_id)) == EPOCHS
+    assert result.counts == {FAILED: 1, FINISHED: 1}
+    assert result.best is not None and result.best["run_id"] == finished.info.run_id
+    assert_challenger_is(client, result.model_name, finished)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The driver is SIGKILLed mid-sweep; `hilbert sweep --resume` finishes it
+
+
+def test_a_killed_sweep_resumes_keeping_finished_trials(corpus: Path, shared_cache: Path, tmp_path: Path):
+    epochs = 8  # the interrupted trial is still training when the test sees its first epoch
+    sweep_file = write_sweep(
+        tmp_path, corpus, name="killed", trials=3, cache=shared_cache, epochs=epochs, workers=1,
+        searcher={"type": "optuna_tpe", "seed": 1, "startup_trials": 2},
+        search={"optimization.learning_rate": {"type": "loguniform", "low": 0.0003, "high": 0.01}})
+    uri = store(tmp_path)
+    command = [HILBERT, "sweep", str(sweep_file), "--tracking-uri", uri]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.search_experiments()  # creates the store's tables now, not in a race with the driver
+
+    # The driver in a session of its own, with a Ray of its own (no address: it starts one).
+    with open(tmp_path / "first.log", "wb") as log:
+        driver = subprocess.Popen([*command, "--name", "killed"], env=subprocess_env(), cwd=tmp_path,
+                                  start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        parent_id = wait_for_a_finished_and_a_training_trial(client, "exp-killed", driver, tmp_path / "first.log",
+                                                             timeout=240)
+    finally:
+        kill_session(driver.pid)  # the driver and every Ray process it started
+        driver.wait()
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    before = {run.data.tags[TRIAL_ID_TAG]: run for run in children(client, experiment_id, parent_id)}
+    finished_before = {tid for tid, run in before.items() if run.info.status == FINISHED}
+    interrupted = {tid for tid, run in before.items() if run.info.status == RUNNING}
+    assert finished_before and interrupted, {tid: run.info.status for tid, run in before.items()}
+    histories = {tid: objective_history(client, before[tid].info.run_id) for tid in finished_before}
+    assert client.get_run(parent_id).info.status == RUNNING  # nobody ended it: the driver was killed
+
+    resumed = subprocess.Popen([*command, "--resume", "killed"], env=subprocess_env(), cwd=tmp_path,
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = resumed.communicate(timeout=300)
+    finally:
+        kill_session(resumed.pid)  # whatever its Ray left behind
+    assert resumed.returncode == 0, output
+    assert "resuming" in output
+
+    parent = client.get_run(parent_id)
+    assert parent.info.status == FINISHED and parent.data.tags.get("resumes") == "1"
+    runs = children(client, experiment_id, parent_id)
+    trial_ids = [run.data.tags[TRIAL_ID_TAG] for run in runs]
+    assert len(runs) == 3 and len(set(trial_ids)) == 3, trial_ids  # every trial asked for, one run each
+    assert [run.info.status for run in runs] == [FINISHED] * 3
+    assert set(before) < set(trial_ids)  # the searcher went on after the restore
+    for run in runs:
+        trial_id = run.data.tags[TRIAL_ID_TAG]
+        history = objective_history(client, run.info.run_id)
+        if trial_id in finished_before:  # kept as it was, not trained again
+            assert "attempts" not in run.data.tags, (run.info.run_name, run.data.tags.get("attempts"))
+            assert history == histories[trial_id]
+        elif trial_id in interrupted:  # reopened; went on from its last checkpointed epoch
+            assert run.data.tags.get("attempts") == "2"
+            assert [step for step, _ in history] == list(range(epochs)), history  # no epoch trained twice
+        else:  # proposed after the restore
+            assert "attempts" not in run.data.tags and [step for step, _ in history] == list(range(epochs))
+    assert_challenger_is(client, "model-killed", best_finished(runs))
+
+
+def wait_for_a_finished_and_a_training_trial(client: MlflowClient, experiment: str, driver: subprocess.Popen,
+                                             log: Path, timeout: float) -> str:
+    """Poll until one trial run is FINISHED and another RUNNING one has logged an epoch; returns
+    the sweep's parent run id.
+
+    The kill may land before Tune's saved state knows the finished trial ended; the resumed
+    sweep must then take its result from MLflow instead of training it again, which the test's
+    assertions (no second attempt, same history) check either way.
+    """
+    deadline = time.time() + timeout
+    seen: dict[str, Any] = {}
+    while time.time() < deadline:
+        if driver.poll() is not None:
+            raise AssertionError(f"the sweep ended (exit {driver.returncode}) before the test could kill it:\n"
+                                 + log.read_text(errors="replace")[-3000:])
+        found = client.get_experiment_by_name(experiment)
+        parents = client.search_runs([found.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'") if found else []
+        if parents:
+            runs = children(client, found.experiment_id, parents[0].info.run_id)
+            finished = {r.data.tags[TRIAL_ID_TAG] for r in runs if r.info.status == FINISHED}
+            training = {r.data.tags[TRIAL_ID_TAG] for r in runs if r.info.status == RUNNING
+                        and client.get_metric_history(r.info.run_id, "objective")}
+            seen = {"finished in MLflow": finished, "training": training}
+            if finished and training:
+                return parents[0].info.run_id
+        time.sleep(0.25)
+    raise AssertionError(f"no trial finished while another trained, in {timeout:.0f} s: {seen}")
