@@ -100,13 +100,25 @@ def through_hilbert_sweep(path: Path, label: str, slots: int) -> dict[str, float
     ray_start = time.perf_counter() - started
     result = run_sweep(path, name=path.stem, log=lambda line: None)
     wall = time.perf_counter() - started
-    training, objectives = [], []
+    training, objectives, parts = [], [], []
     client = result.experiment.client
     for run in child_runs(result.experiment, result.parent_run_id):
         histories = [client.get_metric_history(run.info.run_id, part) for part in EPOCH_PARTS]
         training.append(sum(m.value for history in histories for m in history))
         objectives.append(run.data.metrics.get("objective", math.nan))
-    return summary(label, wall, training, objectives, start=ray_start, slots=slots)
+        metrics = run.data.metrics
+        wall_trial = metrics.get("time/trial_wall_seconds", math.nan)
+        inside = sum(metrics.get(f"time/{k}", math.nan) for k in ("trial_setup_seconds", "fit_seconds",
+                                                                   "trial_logging_seconds"))
+        parts.append({"before the trial function": wall_trial - inside,
+                      "trial set-up (MLflow run, plan)": metrics.get("time/trial_setup_seconds", math.nan),
+                      "Train start-up and teardown": metrics.get("time/fit_seconds", math.nan) - training[-1],
+                      "epochs (train + validation + checkpoint)": training[-1],
+                      "fold table, figures, model upload": metrics.get("time/trial_logging_seconds", math.nan),
+                      "Tune's trial wall time": wall_trial})
+    row = summary(label, wall, training, objectives, start=ray_start, slots=slots)
+    row["parts"] = {name: statistics.fmean(p[name] for p in parts) for name in parts[0]} if parts else {}
+    return row
 
 
 def summary(label: str, wall: float, training: list[float], objectives: list[float], start: float,
@@ -148,6 +160,12 @@ def main() -> None:
     for row in rows:
         print(f"{row['mode']:58} {row['wall_s']:8.1f} {row['ray_start_s']:11.1f} {row['training_s']:10.1f} "
               f"{row['overhead_per_trial_s']:16.1f} {row['mean_objective']:9.4f}")
+
+    for row in rows:
+        if row.get("parts"):
+            print(f"\nwhere a trial's time goes, mean over trials: {row['mode']}")
+            for name, seconds in row["parts"].items():
+                print(f"  {name:45} {seconds:7.1f} s")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,7 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
     from hilbert.sweep.registry import log_model
     from hilbert.train.run import build_trainer, collect_fold_models
 
+    entered = time.perf_counter()
     trial_id = tune.get_context().get_trial_id()
     if _report_if_already_finished(setup, trial_id):
         return
@@ -180,14 +182,65 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
     params = {**values, "config": to_dict(config.variant("hilbert"))}
     with TrialTracker(setup.experiment, setup.parent_run_id, trial_id, params, name=trial_run_name(trial_id),
                       tags=setup.run_tags) as run:
-        # Same Train run name on every attempt: a restarted trial resumes from its last epoch.
-        trainer = build_trainer(plan, config, trial_id, setup.folder.train, callbacks=[TuneReportCallback()])
-        fit = trainer.fit()
-        per_fold, models = collect_fold_models(fit, setup.folder.trials / trial_id / "model")
+        destination = setup.folder.trials / trial_id / "model"
+        fitting = time.perf_counter()
+        if config.scaling.num_workers == 1:
+            per_fold, models = _train_in_trial(plan, config, setup.folder.train / trial_id, destination)
+        else:
+            # Same Train run name on every attempt: a restarted trial resumes from its last epoch.
+            trainer = build_trainer(plan, config, trial_id, setup.folder.train, callbacks=[TuneReportCallback()])
+            per_fold, models = collect_fold_models(trainer.fit(), destination)
+        fitted = time.perf_counter()
         run.log_fold_table(per_fold)
         outputs = out_of_fold_outputs(Path(models), plan)
         run.log_figures(trial_figures(outputs, setup.classes))
         log_model(run.run_id, models, tracking_uri=setup.experiment.uri)
+        # Where a trial's time goes beyond its epochs (docs/benchmarks.md): before Train starts,
+        # Train's whole fit (worker start-up + epochs), and logging results afterwards.
+        run.log_epoch({"time/trial_setup_seconds": fitting - entered, "time/fit_seconds": fitted - fitting,
+                       "time/trial_logging_seconds": time.perf_counter() - fitted}, step=0)
+
+
+def _train_in_trial(plan: dict[str, Any], config: TrainConfig, checkpoints: Path, destination: Path
+                    ) -> tuple[dict[int, dict[str, float]], str]:
+    """A one-worker trial trains in its own Tune actor: DDP has nothing to do with one process,
+    and Ray Train's controller and worker group cost ~11 s a trial to start on 2 cores (see
+    docs/benchmarks.md). Same loop, same per-epoch reports; the last epoch's checkpoint is kept
+    in ``checkpoints`` (written whole, then renamed), so a restarted trial resumes from it."""
+    import torch
+    from ray import tune
+
+    from hilbert.train.loop import WorkerContext, train_folds
+    from hilbert.train.run import fold_models_from_checkpoint
+
+    torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+    use_gpu = config.scaling.use_gpu and torch.cuda.is_available()
+    checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def report(metrics: dict[str, Any], folder: Path | None) -> None:
+        if folder is not None:
+            target = checkpoints / f"checkpoint_{int(metrics['epoch']):06d}"
+            partial = checkpoints / f".{target.name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(folder, partial)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+            for older in checkpoints.glob("checkpoint_*"):
+                if older != target:
+                    shutil.rmtree(older, ignore_errors=True)
+        tune.report(metrics)
+
+    train_folds(plan, WorkerContext(device=torch.device("cuda" if use_gpu else "cpu"), report=report,
+                                    resume_from=_latest_checkpoint(checkpoints)))
+    final = _latest_checkpoint(checkpoints)
+    if final is None:
+        raise RuntimeError(f"training wrote no checkpoint under {checkpoints}")
+    return fold_models_from_checkpoint(final, destination)
+
+
+def _latest_checkpoint(checkpoints: Path) -> Path | None:
+    complete = sorted(checkpoints.glob("checkpoint_*"))  # zero-padded epochs: the last is the latest
+    return complete[-1] if complete else None
 
 
 def _report_if_already_finished(setup: TrialSetup, trial_id: str) -> bool:
@@ -249,6 +302,7 @@ class TrialRunsCallback(_callback_base()):
         self._best: tuple[float, str] | None = None
         self._last_table = time.monotonic()
         self._last_progress: tuple = ()
+        self._started: dict[str, float] = {}
 
     def _run_id(self, trial_id: str) -> str | None:
         if trial_id not in self._run_ids:
@@ -259,6 +313,7 @@ class TrialRunsCallback(_callback_base()):
         return self._run_ids[trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._started[trial.trial_id] = time.time()
         if self.print_line is not None:
             sampled = ", ".join(f"{key}={_short(value)}" for key, value in sorted(_config_of(trial).items()))
             self.print_line(f"{trial_run_name(trial.trial_id)} started: {sampled}")
@@ -280,6 +335,10 @@ class TrialRunsCallback(_callback_base()):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         stopped = trial.trial_id in self._stopped
+        run_id = self._run_id(trial.trial_id)
+        if run_id is not None and trial.trial_id in self._started:  # from Tune's start to Tune's end
+            self.experiment.client.log_metric(run_id, "time/trial_wall_seconds",
+                                              time.time() - self._started[trial.trial_id])
         end_trial(self.experiment, self.parent_run_id, trial.trial_id, KILLED if stopped else FINISHED,
                   stopped_by=self.scheduler if stopped else None)
         epochs = (trial.last_result or {}).get(TIME_ATTR, "?")
@@ -497,10 +556,7 @@ def _run_tuner(sweep: SweepConfig, prepared: _Prepared, setup: TrialSetup, folde
     url = dashboard_url()
     if url:
         log(f"Ray dashboard: {url}")
-    trainable = tune.with_resources(tune.with_parameters(hilbert_trial, setup=setup),
-                                    # No CPU for the trial itself (see the module docstring); Tune
-                                    # refuses an empty bundle, hence a token of memory.
-                                    {"cpu": 0, "memory": 1024 ** 2})
+    trainable = tune.with_resources(tune.with_parameters(hilbert_trial, setup=setup), _trial_resources(sweep))
     if resuming and tune.Tuner.can_restore(str(folder.tune)):
         log(f"resuming: finished trials are kept{', failed ones run again' if retry_failed else ''}")
         tuner = tune.Tuner.restore(str(folder.tune), trainable, resume_unfinished=True, resume_errored=retry_failed)
@@ -525,6 +581,17 @@ def _run_tuner(sweep: SweepConfig, prepared: _Prepared, setup: TrialSetup, folde
         raise SweepInterrupted(f"sweep {folder.root.name!r} stopped with {ended} of {sweep.trials} trials ended; "
                                f"continue it with: hilbert sweep --resume {folder.root.name} "
                                f"--sweeps-dir {folder.root.parent}")
+
+
+def _trial_resources(sweep: SweepConfig) -> dict[str, float]:
+    """What a trial asks Tune for. A DDP trial: nothing but a token of memory (Tune refuses an
+    empty bundle): its Train workers hold the CPUs, and a trial that also held one would wait
+    forever on a small machine for workers that cannot be placed beside it. A one-worker trial
+    trains in its own actor, so it holds the worker's resources itself."""
+    need = sweep.resources
+    if need.workers_per_trial == 1:
+        return {"cpu": need.cpus_per_worker, "gpu": need.gpus_per_worker, "memory": 1024 ** 2}
+    return {"cpu": 0, "memory": 1024 ** 2}
 
 
 def _fitting_concurrency(sweep: SweepConfig, resources: dict[str, Any], *, local: bool,

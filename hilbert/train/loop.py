@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -159,6 +160,8 @@ def train_folds(plan_json: dict[str, Any], context: WorkerContext | None = None)
         timings["checkpoint_seconds"] = time.perf_counter() - started
         timings["train_documents_per_second"] = timings["train_documents"] / max(timings["train_seconds"], 1e-9)
         context.report({**_epoch_metrics(runs, epoch), **{f"time/{k}": v for k, v in timings.items()}}, checkpoint)
+        if checkpoint is not None:  # persisted (copied) by the report; the temporary folder goes
+            shutil.rmtree(checkpoint, ignore_errors=True)
     return {run.fold: run.best_metrics for run in runs}
 
 

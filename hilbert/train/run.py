@@ -200,18 +200,23 @@ def run_cross_validation(config: TrainConfig, *, manifest: Manifest | None = Non
 
 
 def collect_fold_models(fit, destination: Path) -> tuple[dict[int, dict[str, float]], str]:
-    """Fold metrics from the final checkpoint, and its best fold models copied to ``destination``."""
+    """Fold metrics from a Train run's final checkpoint, its best fold models copied to ``destination``."""
     if fit.checkpoint is None:
         raise TrainingError("the run reported no checkpoint")
     with fit.checkpoint.as_directory() as folder:
-        state = json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
-        if destination.exists():
-            shutil.rmtree(destination)
-        destination.mkdir(parents=True)
-        for entry in state["folds"]:
-            best = Path(folder) / f"fold_{entry['fold']}_best"
-            if best.is_dir():
-                shutil.copytree(best, destination / f"fold_{entry['fold']}")
+        return fold_models_from_checkpoint(Path(folder), destination)
+
+
+def fold_models_from_checkpoint(folder: Path, destination: Path) -> tuple[dict[int, dict[str, float]], str]:
+    """Fold metrics of a training checkpoint folder, and its best fold models copied to ``destination``."""
+    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    if destination.exists():
+        shutil.rmtree(destination)
+    destination.mkdir(parents=True)
+    for entry in state["folds"]:
+        best = folder / f"fold_{entry['fold']}_best"
+        if best.is_dir():
+            shutil.copytree(best, destination / f"fold_{entry['fold']}")
     folds = {int(entry["fold"]): {k: float(v) for k, v in entry["best_metrics"].items()} for entry in state["folds"]}
     return folds, str(destination)
 
