@@ -103,7 +103,9 @@ def _predict_with_every_model(predictor: Predictor, manifest: Manifest, cache_di
     """Each model's outputs (probabilities, embeddings, gates) over the corpus, in model order."""
     feature_set = features_for(predictor, manifest, cache_dir, address=address)
     dataset = _dataset(predictor, manifest, cache_dir, feature_set, with_labels)
-    return dataset, [predict_documents(model, dataset, torch.device("cpu")) for model, _ in predictor.models]
+    # Each model on the device it was loaded to (load_predictor(location, device)).
+    return dataset, [predict_documents(model, dataset, next(model.parameters()).device)
+                     for model, _ in predictor.models]
 
 
 def _mean_probabilities(predictor: Predictor, outputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

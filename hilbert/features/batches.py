@@ -73,7 +73,10 @@ class DocumentFeatures(Dataset):
     """
 
     def __init__(self, cache: FeatureCache, feature_set: FeatureSet, doc_ids: Sequence[str],
-                 labels: Sequence[Mapping[str, int]], max_segments: int | None = None):
+                 labels: Sequence[Mapping[str, int]], max_segments: int | None = None,
+                 loaded: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
+        """``loaded`` (doc_id -> features) may be shared by datasets over the same feature set
+        and ``max_segments``: k folds then read and hold each document once, not k times."""
         if len(doc_ids) != len(labels):
             raise ValueError(f"{len(doc_ids)} documents but {len(labels)} label rows")
         self.cache = cache
@@ -81,7 +84,7 @@ class DocumentFeatures(Dataset):
         self.doc_ids = list(doc_ids)
         self.labels = [dict(row) for row in labels]
         self.max_segments = max_segments
-        self._loaded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {} if loaded is None else loaded
 
     @classmethod
     def for_documents(cls, cache: FeatureCache, feature_set: FeatureSet, documents: Sequence[Document],
@@ -94,10 +97,11 @@ class DocumentFeatures(Dataset):
         return len(self.doc_ids)
 
     def __getitem__(self, index: int) -> dict:
-        if index not in self._loaded:
-            audio, text = self.cache.load_document(self.feature_set, self.doc_ids[index])
-            self._loaded[index] = _subsample(audio, text, self.max_segments)
-        audio, text = self._loaded[index]
+        doc_id = self.doc_ids[index]
+        if doc_id not in self._loaded:
+            audio, text = self.cache.load_document(self.feature_set, doc_id)
+            self._loaded[doc_id] = _subsample(audio, text, self.max_segments)
+        audio, text = self._loaded[doc_id]
         return {"index": index, "audio": audio, "text": text, "labels": self.labels[index]}
 
 

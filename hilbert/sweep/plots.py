@@ -109,7 +109,7 @@ def cka_matrix(embeddings: Mapping[str, np.ndarray], unbiased: bool = True) -> F
     image = ax.imshow(matrix, vmin=min(0.0, matrix.min()), vmax=1, cmap="viridis")
     for (row, column), value in np.ndenumerate(matrix):
         ax.text(column, row, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
-    ax.set(xticks=range(len(names)), yticks=range(len(names)), title="linear CKA" + (" (unbiased)" if unbiased else ""))
+    ax.set(xticks=range(len(names)), yticks=range(len(names)), title="linear CKA" + (" (unbiased)" if unbiased and len(next(iter(embeddings.values()))) >= 4 else ""))
     ax.set_xticklabels(names)
     ax.set_yticklabels(names)
     figure.colorbar(image, ax=ax, shrink=0.8)

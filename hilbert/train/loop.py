@@ -138,7 +138,8 @@ def train_folds(plan_json: dict[str, Any], context: WorkerContext | None = None)
     optimization = plan.config.optimization
     _seed_everything(optimization.seed)
     cache = FeatureCache(plan.cache_dir)
-    runs = [_build_fold(plan, cache, fold, context) for fold in plan.folds]
+    loaded: dict = {}  # each document read once for all folds
+    runs = [_build_fold(plan, cache, fold, context, loaded) for fold in plan.folds]
     start_epoch = _resume(runs, context.resume_from) if context.resume_from else 0
     for epoch in range(start_epoch, optimization.epochs):
         active = [run for run in runs if not run.done]
@@ -171,14 +172,16 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_fold(plan: Plan, cache: FeatureCache, fold: int, context: WorkerContext) -> FoldRun:
+def _build_fold(plan: Plan, cache: FeatureCache, fold: int, context: WorkerContext,
+                loaded: dict | None = None) -> FoldRun:
     config = plan.config
     train_ids = [d for d, f in plan.fold_of.items() if f != fold]
     validation_ids = [d for d, f in plan.fold_of.items() if f == fold]
     max_segments = config.data.max_segments
-    train_set = DocumentFeatures(cache, plan.feature_set, train_ids, [plan.labels[d] for d in train_ids], max_segments)
+    train_set = DocumentFeatures(cache, plan.feature_set, train_ids, [plan.labels[d] for d in train_ids], max_segments,
+                                 loaded)
     validation = DocumentFeatures(cache, plan.feature_set, validation_ids, [plan.labels[d] for d in validation_ids],
-                                  max_segments)
+                                  max_segments, loaded)
     # At least 2 documents a rank and 4 in the global batch: unbiased CKA needs n >= 4.
     per_worker = max(2, -(-4 // context.world_size), config.optimization.batch_size // context.world_size)
     sampler = DistributedSampler(train_set, num_replicas=context.world_size, rank=context.rank, shuffle=True,
