@@ -519,13 +519,15 @@ def print_leaderboard(rows: list[dict], title: str, limit: int = 20) -> None:
     searched = sorted({key for row in rows for key in row["params"] if not key.startswith("config.")})
     table = Table(title=title, title_justify="left")
     table.caption = f"AUC: mean over folds of the best epoch's validation macro AUC; searched: {', '.join(searched)}"
-    for column in ("#", "trial", "status", "epochs", "objective", *(f"{t} AUC" for t in tasks),
-                   *(key.rsplit(".", 1)[-1] for key in searched)):
+    fixed = ("#", "trial", "status", "epochs", "objective")
+    for column in (*fixed, *(f"{t} AUC" for t in tasks), *(key.rsplit(".", 1)[-1] for key in searched)):
+        # Fixed columns never shrink; task and parameter headers fold onto a second line instead
+        # of being cut to "lambda_…" when the terminal is narrow.
         table.add_column(column, justify="left" if column in ("trial", "status") else "right",
-                         no_wrap=column == "trial")
+                         no_wrap=column in fixed, overflow="fold")
     for rank, row in enumerate(rows[:limit], 1):
         metrics = row["metrics"]
-        status = row["status"] + (f" ({row['stopped_by']})" if row.get("stopped_by") else "")
+        status = row["status"] + (f" by {row['stopped_by']}" if row.get("stopped_by") else "")
         cells = [str(rank), row["name"], status, f"{metrics.get('epochs_completed', 0):.0f}", _number(row["objective"])]
         cells += [_number(metrics.get(f"cv_mean/{task}/auc", float("nan"))) for task in tasks]
         cells += [_param(row["params"].get(key, "")) for key in searched]
@@ -542,7 +544,7 @@ def _param(text: str) -> str:
         value = float(text)
     except ValueError:
         return text
-    return f"{value:.4g}"
+    return f"{value:.3g}"
 
 
 @app.command()

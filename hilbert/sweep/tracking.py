@@ -52,6 +52,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
+# MLflow announces every sqlite schema check at INFO ("Creating initial MLflow database tables...").
+for _chatty in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(_chatty).setLevel(logging.WARNING)
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
@@ -622,6 +625,8 @@ def leaderboard(experiment: Experiment, parent_run_id: str, objective: str = "ob
 def find_sweep(uri: str, name: str | None = None, experiment: str | None = None) -> tuple[Experiment, Any]:
     """The parent run of sweep ``name`` (the latest sweep when None) in ``experiment`` (or any
     experiment of the store); LookupError names what exists when nothing matches."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise LookupError(f"no MLflow store at {uri} (pass --tracking-uri, e.g. sqlite:///hilbert-demo/runs/mlruns.db)")
     client = mlflow_client(uri)
     experiments = ([Experiment.open(uri, experiment)] if experiment else
                    [Experiment(uri, e.experiment_id, e.name) for e in client.search_experiments()])
