@@ -1,0 +1,265 @@
+"""Cluster definitions (ray_cluster.yaml, clusters/*): checked offline against Ray's own autoscaler
+schema and config preparation, KubeRay manifests against the fields KubeRay requires, and every
+file against the versions this project is tested with. Nothing here talks to a cloud."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from importlib import metadata
+from pathlib import Path
+
+import click
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+AUTOSCALER_CONFIGS = ["ray_cluster.yaml", "clusters/gcp.yaml", "clusters/local-provider.yaml"]
+KUBERAY = ["clusters/kuberay-raycluster.yaml", "clusters/kuberay-rayjob.yaml"]
+ALL_FILES = AUTOSCALER_CONFIGS + KUBERAY + ["clusters/Dockerfile"]
+SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+EDIT_MARKER = re.compile(r"<EDIT:[a-z0-9-]+>")
+PINNED_PACKAGES = ("mlflow", "optuna", "transformers", "torchaudio")
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def load_all(name: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all((ROOT / name).read_text()) if doc]
+
+
+def torch_cap() -> str:
+    text = (ROOT / "pyproject.toml").read_text()
+    return re.search(r'"torch>=[\d.]+,<=([\d.]+)"', text).group(1)
+
+
+def check_with_ray(config: dict) -> dict:
+    """Ray's schema, then `ray up`'s own preparation and validation (defaults merged, Docker and
+    node-type checks); neither contacts the provider."""
+    jsonschema.validate(config, SCHEMA)
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+# ---------------------------------------------------------------------------------------------
+# Autoscaler configs (AWS, GCP, local provider)
+
+
+@pytest.mark.parametrize("name", AUTOSCALER_CONFIGS)
+def test_autoscaler_config_passes_rays_schema_and_preparation(name):
+    prepared = check_with_ray(load(name))
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+    assert prepared["head_start_ray_commands"] and prepared["worker_start_ray_commands"]
+
+
+@pytest.mark.parametrize("name", ["ray_cluster.yaml", "clusters/gcp.yaml"])
+def test_cloud_config_has_cpu_head_and_two_autoscaling_gpu_types(name):
+    config = load(name)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    gpu_counts = sorted(t["resources"]["GPU"] for n, t in types.items() if n != config["head_node_type"])
+    assert gpu_counts == [1, 4]
+    for node_name, node in types.items():
+        if node_name != config["head_node_type"]:
+            assert node["min_workers"] == 0 and node["max_workers"] >= 1
+    assert sum(t.get("max_workers", 0) for t in types.values()) <= config["max_workers"]
+    assert 0 < config["idle_timeout_minutes"] <= 60
+
+
+@pytest.mark.parametrize("name", AUTOSCALER_CONFIGS)
+def test_head_starts_mlflow_in_background_with_logs_and_ray_with_token_auth(name):
+    config = load(name)
+    head = " ".join(config["head_start_ray_commands"])
+    assert re.search(r"nohup .*mlflow server .*--port 5000", head)
+    assert "--artifacts-destination" in head and "--backend-store-uri" in head
+    assert "> ~/mlflow/server.log 2>&1 &" in head
+    assert "ray start --head" in head and "--dashboard-host=127.0.0.1" in head
+    for commands in (head, " ".join(config["worker_start_ray_commands"])):
+        assert "RAY_AUTH_MODE=token" in commands and "RAY_AUTH_TOKEN_PATH=" in commands
+        assert "MLFLOW_TRACKING_URI=" in commands
+    assert any("hilbert-auth" in local for local in config["file_mounts"].values())
+
+
+def test_mutated_autoscaler_configs_are_rejected():
+    good = load("ray_cluster.yaml")
+    unknown_key = copy.deepcopy(good) | {"worker_nodes_typo": {}}
+    with pytest.raises(jsonschema.ValidationError):
+        check_with_ray(unknown_key)
+    bad_head = copy.deepcopy(good)
+    bad_head["head_node_type"] = "missing"
+    with pytest.raises(ValueError, match="head_node_type"):
+        check_with_ray(bad_head)
+    too_many_min = copy.deepcopy(good)
+    too_many_min["available_node_types"]["gpu_1x"]["min_workers"] = good["max_workers"] + 1
+    with pytest.raises(ValueError, match="max_workers"):
+        check_with_ray(too_many_min)
+    image_without_container = copy.deepcopy(good)
+    image_without_container["docker"]["container_name"] = ""
+    with pytest.raises(AssertionError):
+        check_with_ray(image_without_container)
+
+
+def test_mutated_local_provider_config_is_rejected():
+    config = load("clusters/local-provider.yaml")
+    del config["provider"]["head_ip"]
+    with pytest.raises(click.ClickException, match="head_ip"):  # Ray's cli_logger.abort
+        check_with_ray(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay manifests (no CRD schema offline: the fields KubeRay needs, checked by hand)
+
+
+def _containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def check_image_pinned(image: str) -> None:
+    assert ":" in image.rsplit("/", 1)[-1] or "@sha256:" in image, f"image {image!r} has no tag"
+    assert not image.endswith(":latest"), f"image {image!r} is not pinned"
+
+
+def check_raycluster(cluster: dict) -> None:
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
+    spec = cluster["spec"]
+    assert spec["rayVersion"] == ray.__version__
+    head = spec["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)
+    assert all(isinstance(v, str) for v in head["rayStartParams"].values()), "rayStartParams values are strings"
+    assert _containers(head["template"])[0]["name"] == "ray-head"
+    groups = spec["workerGroupSpecs"]
+    assert len(groups) >= 2
+    for group in groups:
+        assert group["groupName"] and isinstance(group["rayStartParams"], dict)
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        container = _containers(group["template"])[0]
+        limits = container["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) >= 1
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == limits["nvidia.com/gpu"]
+    assert sorted(int(_containers(g["template"])[0]["resources"]["limits"]["nvidia.com/gpu"]) for g in groups) == [1, 4]
+    for template in [head["template"]] + [g["template"] for g in groups]:
+        for container in _containers(template):
+            check_image_pinned(container["image"])
+
+
+def check_rayjob(job: dict) -> None:
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert re.search(r"\bhilbert sweep tune/paper\.yaml\b.*--address auto", spec["entrypoint"])
+    assert "clusterSelector" in spec or "rayClusterSpec" in spec
+    if "rayClusterSpec" in spec:
+        check_raycluster({"apiVersion": "ray.io/v1", "kind": "RayCluster", "spec": spec["rayClusterSpec"]})
+    for container in _containers(spec.get("submitterPodTemplate", {"spec": {"containers": []}})):
+        check_image_pinned(container["image"])
+
+
+def test_kuberay_raycluster_has_head_gpu_groups_pinned_images_and_mlflow():
+    docs = load_all("clusters/kuberay-raycluster.yaml")
+    clusters = [d for d in docs if d["kind"] == "RayCluster"]
+    assert len(clusters) == 1
+    check_raycluster(clusters[0])
+    head = _containers(clusters[0]["spec"]["headGroupSpec"]["template"])
+    assert any(c.get("command", [])[:2] == ["mlflow", "server"] for c in head)
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert service["spec"]["selector"] == {"ray.io/cluster": clusters[0]["metadata"]["name"], "ray.io/node-type": "head"}
+    selector = load("clusters/kuberay-rayjob.yaml")["spec"]["clusterSelector"]
+    assert selector == {"ray.io/cluster": clusters[0]["metadata"]["name"]}
+
+
+def test_kuberay_rayjob_runs_the_paper_sweep():
+    check_rayjob(load("clusters/kuberay-rayjob.yaml"))
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda c: c.update(apiVersion="ray.io/v1alpha1"),
+    lambda c: c["spec"]["headGroupSpec"].pop("rayStartParams"),
+    lambda c: c["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(image="rayproject/ray:latest"),
+    lambda c: c["spec"]["workerGroupSpecs"][0].update(maxReplicas=-1),
+    lambda c: c["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["resources"]["limits"].pop("nvidia.com/gpu"),
+], ids=["api-version", "rayStartParams", "latest-image", "max-replicas", "gpu-limit"])
+def test_mutated_raycluster_is_rejected(mutate):
+    cluster = next(d for d in load_all("clusters/kuberay-raycluster.yaml") if d["kind"] == "RayCluster")
+    mutate(cluster)
+    with pytest.raises((AssertionError, KeyError)):
+        check_raycluster(cluster)
+
+
+def test_mutated_rayjob_is_rejected():
+    job = load("clusters/kuberay-rayjob.yaml")
+    job["spec"]["entrypoint"] = "python train.py"
+    with pytest.raises(AssertionError):
+        check_rayjob(job)
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions and placeholders, every file
+
+
+def check_versions(text: str) -> None:
+    """Every Ray mentioned is the venv's, torch is pyproject's cap, other pins are the venv's."""
+    rays = (set(re.findall(r"rayproject/ray:([\d.]+)", text)) | set(re.findall(r"ray\[[a-z,]+\]==([\d.]+)", text))
+            | set(re.findall(r'rayVersion: "([\d.]+)"', text)))
+    assert rays <= {ray.__version__}, f"Ray versions {rays} != {ray.__version__}"
+    torches = set(re.findall(r"\btorch==([\d.]+)", text))
+    assert torches <= {torch_cap()}, f"torch versions {torches} != {torch_cap()}"
+    for package in PINNED_PACKAGES:
+        pins = set(re.findall(rf"\b{package}==([\d.]+)", text))
+        assert pins <= {metadata.version(package)}, f"{package} pins {pins}"
+
+
+def check_placeholders(text: str) -> None:
+    """Only `<EDIT:name>` markers may be left to fill in: no other <...>, TODO, changeme."""
+    rest = EDIT_MARKER.sub("", text)
+    leftovers = re.findall(r"<[A-Za-z][\w -]*>|\bTODO\b|\bFIXME\b|\bXXX\b|changeme|your-bucket", rest)
+    leftovers = [m for m in leftovers if m not in ("<registry>", "<tag>", "<account>", "<name>", "<token>")]
+    assert not leftovers, f"un-marked placeholders: {leftovers}"
+
+
+@pytest.mark.parametrize("name", ALL_FILES)
+def test_pins_ray_of_the_venv_and_torch_of_pyproject(name):
+    text = (ROOT / name).read_text()
+    check_versions(text)
+    if name != "clusters/kuberay-rayjob.yaml":  # the job runs on the cluster's image
+        assert any(pin in text for pin in (f"rayproject/ray:{ray.__version__}", f'rayVersion: "{ray.__version__}"',
+                                           f"tune,train,data]=={ray.__version__}"))
+    if name not in KUBERAY:  # the KubeRay image is built by clusters/Dockerfile
+        assert f"torch=={torch_cap()}" in text
+
+
+@pytest.mark.parametrize("name", ALL_FILES)
+def test_no_placeholder_left_but_edit_markers(name):
+    check_placeholders((ROOT / name).read_text())
+
+
+def test_every_edit_marker_is_explained_in_the_readme():
+    readme = (ROOT / "clusters/README.md").read_text()
+    markers = {m for name in ALL_FILES for m in EDIT_MARKER.findall((ROOT / name).read_text())}
+    assert markers and not [m for m in sorted(markers) if m not in readme]
+
+
+def test_install_commands_pin_the_project_to_a_tag():
+    for name in AUTOSCALER_CONFIGS:
+        setup = " ".join(load(name)["setup_commands"])
+        assert "'hilbert @ git+https://github.com/<EDIT:org>/hilbert@<EDIT:tag>'" in setup
+
+
+def test_mutated_versions_and_placeholders_are_rejected():
+    text = (ROOT / "ray_cluster.yaml").read_text()
+    with pytest.raises(AssertionError, match="Ray versions"):
+        check_versions(text.replace(f"rayproject/ray:{ray.__version__}", "rayproject/ray:2.49.0"))
+    with pytest.raises(AssertionError, match="torch versions"):
+        check_versions(text.replace(f"torch=={torch_cap()}", "torch==2.9.0"))
+    with pytest.raises(AssertionError, match="mlflow pins"):
+        check_versions(text.replace("mlflow==", "mlflow==0.0.1+"))
+    with pytest.raises(AssertionError, match="un-marked"):
+        check_placeholders(text.replace("<EDIT:bucket>", "<bucket>"))
+    with pytest.raises(AssertionError, match="un-marked"):
+        check_placeholders(text + "\n# TODO\n")
