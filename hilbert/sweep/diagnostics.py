@@ -26,7 +26,7 @@ from hilbert.features.cache import FeatureCache
 from hilbert.model.hilbert import HilbertModel
 from hilbert.sweep.plots import confusion_matrices, cka_matrix, expert_utilisation, roc_curves, segment_attention
 from hilbert.train.checkpoint import load_model
-from hilbert.train.loop import Plan, predict_documents
+from hilbert.train.loop import Plan, fold_dataset, predict_documents
 
 EMBEDDINGS = ("audio", "text", "joint")
 
@@ -77,7 +77,7 @@ def out_of_fold_outputs(folds_dir: str | Path, plan: Mapping[str, Any], device: 
     for fold in parsed.folds:
         model = _fold_model(Path(folds_dir), fold, parsed, device)
         modalities = model.config.modalities
-        validation = _validation_set(parsed, cache, fold)
+        validation = fold_dataset(parsed, cache, fold, validation=True)
         if not len(validation):
             continue
         pieces.append(predict_documents(model, validation, device))
@@ -110,13 +110,6 @@ def _fold_model(folds_dir: Path, fold: int, plan: Plan, device: torch.device) ->
         raise ValueError(f"{folder} was trained for fold {trained_fold} with classes "
                          f"{dict(info.label_maps.classes)}, not for this plan's fold {fold}")
     return model
-
-
-def _validation_set(plan: Plan, cache: FeatureCache, fold: int) -> DocumentFeatures:
-    """The documents ``fold``'s model was validated on, exactly as the training loop built them."""
-    ids = [d for d, f in plan.fold_of.items() if f == fold]
-    return DocumentFeatures(cache, plan.feature_set, ids, [plan.labels[d] for d in ids],
-                            plan.config.data.max_segments)
 
 
 @torch.no_grad()

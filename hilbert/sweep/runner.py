@@ -44,7 +44,8 @@ from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 from hilbert.config import from_dict, to_dict
 from hilbert.sweep.config import SweepConfig, load_sweep
 from hilbert.sweep.tracking import (FAILED, FINISHED, KILLED, Experiment, SweepTracker, TrialTracker, end_trial,
-                                    find_trial_run, leaderboard, resolve_tracking_uri, source_tags)
+                                    find_trial_run, leaderboard, log_step, resolve_tracking_uri, source_tags,
+                                    status_counts)
 from hilbert.train.config import TrainConfig
 
 STATE_FILE = "sweep.json"
@@ -180,10 +181,10 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
         return
     values = setup.sweep.trial_values(_unflatten_keys(sampled))
     config = setup.sweep.trial_config(values)
-    plan = {**setup.plans[pair_key(config.data.audio_encoder, config.data.text_encoder)],
-            "config": to_dict(config.variant("hilbert"))}
+    trained = to_dict(config.variant("hilbert"))
+    plan = {**setup.plans[pair_key(config.data.audio_encoder, config.data.text_encoder)], "config": trained}
     # Every hyperparameter of the trial: the searched values, then the whole training config.
-    params = {**values, "config": to_dict(config.variant("hilbert"))}
+    params = {**values, "config": trained}
     with TrialTracker(setup.experiment, setup.parent_run_id, trial_id, params, name=trial_run_name(trial_id),
                       tags=setup.run_tags) as run:
         destination = setup.folder.trials / trial_id / "model"
@@ -321,9 +322,7 @@ class TrialRunsCallback(Callback):
         run_id = self._run_id(trial_id)
         if run_id is not None and not result.get(RESTORED):
             metrics = {k: v for k, v in result.items() if k in _REPORTED or k.startswith(_REPORTED_PREFIXES)}
-            tracker = TrialTracker(self.experiment, self.parent_run_id, trial_id)
-            tracker.run_id = run_id
-            tracker.log_epoch(metrics, step=int(result.get("epoch", result.get("training_iteration", 0))))
+            log_step(self.experiment, run_id, metrics, step=int(result.get("epoch", result.get("training_iteration", 0))))
         value = result.get(OBJECTIVE)
         if isinstance(value, (int, float)) and math.isfinite(value) and (self._best is None or value > self._best[0]):
             self._best = (float(value), trial_id)
@@ -428,10 +427,7 @@ class SweepResult:
 
     @property
     def counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for row in self.rows:
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
-        return counts
+        return status_counts(self.rows)
 
 
 def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, resume: str | None = None,
@@ -710,10 +706,7 @@ def _register_best(sweep: SweepConfig, state: SweepState, folder: SweepFolder, e
 def _summarise_in_parent(tracker: SweepTracker, rows: list[dict[str, Any]], best: dict[str, Any] | None,
                          version: str | None) -> None:
     client = tracker.experiment.client
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    metrics = {f"trials_{status.lower()}": count for status, count in counts.items()}
+    metrics = {f"trials_{status.lower()}": count for status, count in status_counts(rows).items()}
     if best is not None:
         metrics["best_objective"] = best["objective"]
         client.set_tag(tracker.run_id, "best_trial", best["name"])

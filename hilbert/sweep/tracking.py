@@ -439,10 +439,7 @@ class TrialTracker(_TrackedRun):
 
     def log_epoch(self, metrics: Mapping[str, Any], step: int) -> None:
         """One epoch's report (keys sanitised; NaN, infinite and non-numeric values skipped)."""
-        timestamp = int(time.time() * 1000)
-        entries = [Metric(key, value, timestamp, int(step)) for key, value in finite_metrics(metrics).items()]
-        for start in range(0, len(entries), _METRICS_PER_BATCH):
-            self.experiment.client.log_batch(self.run_id, metrics=entries[start:start + _METRICS_PER_BATCH])
+        log_step(self.experiment, self.run_id, metrics, step)
 
     def log_fold_table(self, per_fold: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
         """Per-fold metrics as ``folds/metrics.json`` and ``folds/metrics.csv``, plus the mean and
@@ -500,6 +497,23 @@ class TrialTracker(_TrackedRun):
             log.warning("trial %s: params %s differ from the earlier attempt; MLflow keeps the first values",
                         self.trial_id, changed)
         _log_params(self.experiment.client, self.run_id, {k: v for k, v in params.items() if k not in logged})
+
+
+def log_step(experiment: Experiment, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
+    """Metrics of one step of run ``run_id`` (keys sanitised; NaN, infinite and non-numeric values
+    skipped), in as few calls as MLflow allows."""
+    timestamp = int(time.time() * 1000)
+    entries = [Metric(key, value, timestamp, int(step)) for key, value in finite_metrics(metrics).items()]
+    for start in range(0, len(entries), _METRICS_PER_BATCH):
+        experiment.client.log_batch(run_id, metrics=entries[start:start + _METRICS_PER_BATCH])
+
+
+def status_counts(rows: list[Mapping[str, Any]]) -> dict[str, int]:
+    """How many runs of a leaderboard ended in each status."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return counts
 
 
 def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:

@@ -172,16 +172,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def fold_dataset(plan: Plan, cache: FeatureCache, fold: int, *, validation: bool,
+                 loaded: dict | None = None) -> DocumentFeatures:
+    """The training (or validation) documents of ``fold``, as the loop trains (or scores) them."""
+    ids = [d for d, f in plan.fold_of.items() if (f == fold) == validation]
+    return DocumentFeatures(cache, plan.feature_set, ids, [plan.labels[d] for d in ids], plan.config.data.max_segments,
+                            loaded)
+
+
 def _build_fold(plan: Plan, cache: FeatureCache, fold: int, context: WorkerContext,
                 loaded: dict | None = None) -> FoldRun:
     config = plan.config
-    train_ids = [d for d, f in plan.fold_of.items() if f != fold]
-    validation_ids = [d for d, f in plan.fold_of.items() if f == fold]
-    max_segments = config.data.max_segments
-    train_set = DocumentFeatures(cache, plan.feature_set, train_ids, [plan.labels[d] for d in train_ids], max_segments,
-                                 loaded)
-    validation = DocumentFeatures(cache, plan.feature_set, validation_ids, [plan.labels[d] for d in validation_ids],
-                                  max_segments, loaded)
+    train_set = fold_dataset(plan, cache, fold, validation=False, loaded=loaded)
+    validation = fold_dataset(plan, cache, fold, validation=True, loaded=loaded)
     # At least 2 documents a rank and 4 in the global batch: unbiased CKA needs n >= 4.
     per_worker = max(2, -(-4 // context.world_size), config.optimization.batch_size // context.world_size)
     sampler = DistributedSampler(train_set, num_replicas=context.world_size, rank=context.rank, shuffle=True,
