@@ -44,6 +44,8 @@ def _refusing(*kinds: type[BaseException], code: int = 2) -> Iterator[None]:
     try:
         yield
     except kinds as error:
+        if isinstance(error, OSError) and error.filename is None:
+            raise  # not a path the user gave: a bug to see with its traceback, not a one-line refusal
         errors.print(f"[red]{error}[/red]", highlight=False)
         raise typer.Exit(code) from None
 
@@ -270,7 +272,7 @@ def demo(
     console.print(f"\nleaderboard again:  hilbert runs --tracking-uri {result.tracking_uri}")
     console.print(f"predict with it:    hilbert predict {champion} MANIFEST OUT.parquet --cache {data.cache_dir} "
                   f"--tracking-uri {result.tracking_uri}")
-    console.print(f"open the MLflow UI: {ui_command(result.tracking_uri)}  (then http://127.0.0.1:5000)")
+    console.print(f"open the MLflow UI: {ui_command(result.tracking_uri)}")
 
 
 def held_out_baseline(label_maps, development: Manifest, held_out: Manifest, cache: Path, feature_set) -> dict:

@@ -69,6 +69,8 @@ def test_tracking_uri_prefers_explicit_then_environment_then_sqlite_in_workdir(t
     command = ui_command(f"sqlite:///{tmp_path}/mlruns.db")
     assert command.startswith("mlflow ui --backend-store-uri sqlite:///") and "--host 127.0.0.1" in command
     assert f"{tmp_path.as_uri()}/mlartifacts" in command
+    # A tracking server serves its own UI: its address, not a second server on the same store.
+    assert ui_command("http://127.0.0.1:5000").startswith("http://127.0.0.1:5000 ")
 
 
 def test_local_default_store_keeps_runs_and_artifacts_in_workdir(experiment: Experiment, workdir: Path):

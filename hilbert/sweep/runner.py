@@ -27,6 +27,7 @@ from storage), and with ``retry_failed`` errored ones run again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,9 +35,10 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
@@ -186,7 +188,7 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
     # Every hyperparameter of the trial: the searched values, then the whole training config.
     params = {**values, "config": trained}
     with TrialTracker(setup.experiment, setup.parent_run_id, trial_id, params, name=trial_run_name(trial_id),
-                      tags=setup.run_tags) as run:
+                      tags={**setup.run_tags, **_node_tags()}) as run:
         destination = setup.folder.trials / trial_id / "model"
         fitting = time.perf_counter()
         if config.scaling.num_workers == 1:
@@ -204,6 +206,14 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
         # Train's whole fit (worker start-up + epochs), and logging results afterwards.
         run.log_epoch({"time/trial_setup_seconds": fitting - entered, "time/fit_seconds": fitted - fitting,
                        "time/trial_logging_seconds": time.perf_counter() - fitted}, step=0)
+
+
+def _node_tags() -> dict[str, str]:
+    """Where this attempt of the trial runs (its Tune actor's node): a trial retried after its
+    node died shows the node it finished on."""
+    import ray
+
+    return {"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": ray.util.get_node_ip_address()}
 
 
 def _train_in_trial(plan: dict[str, Any], config: TrainConfig, checkpoints: Path, destination: Path
@@ -481,7 +491,7 @@ def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, 
     log(f"sweep {state.name}: folder {folder.root}; MLflow {uri}, experiment {experiment.name!r}, "
         f"parent run {state.parent_run_id}")
 
-    with tracker:
+    with tracker, _working_in(folder.root):
         _run_tuner(sweep, prepared, TrialSetup(sweep, prepared.plans, prepared.classes, experiment,
                                                state.parent_run_id, folder, source_tags()),
                    folder, address=address, resuming=resume is not None, retry_failed=retry_failed, log=log)
@@ -490,6 +500,29 @@ def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, 
         _summarise_in_parent(tracker, rows, best, version)
     return SweepResult(state.name, folder.root, uri, experiment, state.parent_run_id, rows, best,
                        sweep.tracking.model_name, version, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _working_in(folder: Path) -> Iterator[None]:
+    """Run the sweep from its own folder, and come back after.
+
+    A job submitted with ``--working-dir`` starts in Ray's copy of that folder, and Ray may
+    replace the copy on the head while the job runs (seen with Ray 2.60 when a node died and a
+    trial was retried on the head): the driver's working directory is then gone, and Tune fails
+    as it finishes (it resolves relative paths against it). The sweep folder is ours; every path
+    the sweep uses is absolute by then.
+    """
+    try:
+        previous: str | None = os.getcwd()
+    except FileNotFoundError:
+        previous = None
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            with contextlib.suppress(OSError):  # by path: a replaced folder is entered anew
+                os.chdir(previous)
 
 
 def _defined(parameter) -> dict[str, Any]:
@@ -545,6 +578,9 @@ def _run_tuner(sweep: SweepConfig, prepared: _Prepared, setup: TrialSetup, folde
     # Tune saves its experiment state at most every 10 s by default; a driver killed in between
     # forgets the trials that ended meanwhile. The state of a sweep is small: save it often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # A trial retried after its node died counts Tune's iterations from 1 again; Optuna, which
+    # only records them here (stopping is the scheduler's), would warn at every repeated step.
+    warnings.filterwarnings("ignore", message="The reported value is ignored because this `step")
     resources = connect(address)
     concurrency = _fitting_concurrency(sweep, resources, local=address in (None, "", "local"), log=log)
     url = dashboard_url()

@@ -99,13 +99,16 @@ def artifact_location_for(uri: str) -> str | None:
 
 
 def ui_command(uri: str, port: int = 5000) -> str:
-    """The command line that opens the MLflow UI on this store, reachable from this machine only."""
+    """How to open the MLflow UI on this store: the command line that serves it from this machine
+    only (then http://127.0.0.1:PORT), or, for a tracking server, its address (it serves the UI)."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}  (the tracking server serves it; on a cluster, port-forward it first)"
     parts = ["mlflow", "ui", "--backend-store-uri", uri]
     artifacts = artifact_location_for(uri)
     if artifacts:
         parts += ["--default-artifact-root", artifacts]  # for experiments created from the UI
     parts += ["--host", "127.0.0.1", "--port", str(port)]
-    return shlex.join(parts)
+    return f"{shlex.join(parts)}  (then http://127.0.0.1:{port})"
 
 
 @functools.lru_cache(maxsize=None)
@@ -430,6 +433,8 @@ class TrialTracker(_TrackedRun):
             self.run_id = existing.info.run_id
             client.update_run(self.run_id, status=RUNNING)
             client.set_tag(self.run_id, "attempts", str(int(existing.data.tags.get("attempts", "1")) + 1))
+            for key, value in self.tags.items():  # this attempt's (where it runs, say), not the last one's
+                client.set_tag(self.run_id, key, value)
             logged = existing.data.params
         self._ended = False
         self._log_new_params(flatten_params(self.params), logged)
