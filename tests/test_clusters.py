@@ -24,6 +24,9 @@ ALL_FILES = AUTOSCALER_CONFIGS + KUBERAY + ["clusters/Dockerfile"]
 SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 EDIT_MARKER = re.compile(r"<EDIT:[a-z0-9-]+>")
 PINNED_PACKAGES = ("mlflow", "optuna", "transformers", "torchaudio")
+# The head's MLflow server listens on loopback only; trials on other nodes log through the sweep's
+# relay (hilbert/sweep/relay.py), so nothing but the head ever talks to it.
+HEAD_TRACKING_URI = "http://127.0.0.1:5000"
 
 
 def load(name: str) -> dict:
@@ -74,18 +77,46 @@ def test_cloud_config_has_cpu_head_and_two_autoscaling_gpu_types(name):
     assert 0 < config["idle_timeout_minutes"] <= 60
 
 
+def check_mlflow_on_loopback(head: str, workers: str) -> None:
+    """The head starts `mlflow server` bound to 127.0.0.1:5000 (never every interface), its Ray
+    exports that URI for a driver on the head, and workers get no MLflow setting at all."""
+    server = re.search(r"nohup \S*mlflow server (.*?) >", head)
+    assert server, "the head starts no `mlflow server` in the background"
+    assert re.search(r"--host 127\.0\.0\.1 --port 5000\b", server.group(1)), \
+        f"MLflow is not bound to 127.0.0.1:5000: {server.group(1)!r}"
+    assert "0.0.0.0" not in head, "the head binds something to every interface"
+    assert f"MLFLOW_TRACKING_URI={HEAD_TRACKING_URI}" in head, "the head's Ray does not export the loopback URI"
+    assert "tracking_uri" not in head, "the head still writes a network tracking URI to a file"
+    assert "MLFLOW_TRACKING_URI" not in workers, "workers log through the relay, not to MLflow"
+
+
 @pytest.mark.parametrize("name", AUTOSCALER_CONFIGS)
-def test_head_starts_mlflow_in_background_with_logs_and_ray_with_token_auth(name):
+def test_head_starts_mlflow_on_loopback_in_background_and_ray_with_token_auth(name):
     config = load(name)
     head = " ".join(config["head_start_ray_commands"])
-    assert re.search(r"nohup .*mlflow server .*--port 5000", head)
+    workers = " ".join(config["worker_start_ray_commands"])
+    check_mlflow_on_loopback(head, workers)
     assert "--artifacts-destination" in head and "--backend-store-uri" in head
     assert "> ~/mlflow/server.log 2>&1 &" in head
     assert "ray start --head" in head and "--dashboard-host=127.0.0.1" in head
-    for commands in (head, " ".join(config["worker_start_ray_commands"])):
+    for commands in (head, workers):
         assert "RAY_AUTH_MODE=token" in commands and "RAY_AUTH_TOKEN_PATH=" in commands
-        assert "MLFLOW_TRACKING_URI=" in commands
     assert any("hilbert-auth" in local for local in config["file_mounts"].values())
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda head, workers: (head.replace("--host 127.0.0.1", "--host 0.0.0.0"), workers),
+    lambda head, workers: (head.replace("--host 127.0.0.1 ", ""), workers),
+    lambda head, workers: (head.replace(f"MLFLOW_TRACKING_URI={HEAD_TRACKING_URI}",
+                                        "MLFLOW_TRACKING_URI=$(cat ~/mlflow/tracking_uri)"), workers),
+    lambda head, workers: (head, workers.replace("RAY_AUTH_MODE=token",
+                                                 "RAY_AUTH_MODE=token MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000")),
+], ids=["every-interface", "default-host", "uri-file", "worker-uri"])
+def test_mutated_mlflow_bindings_are_rejected(mutate):
+    config = load("ray_cluster.yaml")
+    head, workers = mutate(" ".join(config["head_start_ray_commands"]), " ".join(config["worker_start_ray_commands"]))
+    with pytest.raises(AssertionError):
+        check_mlflow_on_loopback(head, workers)
 
 
 def test_mutated_autoscaler_configs_are_rejected():
@@ -161,21 +192,66 @@ def check_rayjob(job: dict) -> None:
         check_image_pinned(container["image"])
 
 
-def test_kuberay_raycluster_has_head_gpu_groups_pinned_images_and_mlflow():
+def _env_names(container: dict) -> set[str]:
+    return {variable["name"] for variable in container.get("env", [])}
+
+
+def check_mlflow_sidecar(docs: list[dict]) -> None:
+    """MLflow runs beside Ray in the head pod on the pod's loopback: the Ray head container points
+    at 127.0.0.1:5000, worker pods get no MLflow setting, and no Service exposes port 5000."""
+    cluster = next(d for d in docs if d["kind"] == "RayCluster")
+    head = _containers(cluster["spec"]["headGroupSpec"]["template"])
+    sidecars = [c for c in head if c.get("command", [])[:2] == ["mlflow", "server"]]
+    assert len(sidecars) == 1, "the head pod has no MLflow sidecar"
+    args = sidecars[0].get("args", [])
+    assert "--host" in args and args[args.index("--host") + 1] == "127.0.0.1", f"MLflow is not on loopback: {args}"
+    assert "0.0.0.0" not in args
+    assert {"name": "MLFLOW_TRACKING_URI", "value": HEAD_TRACKING_URI} in head[0]["env"]
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        for container in _containers(group["template"]):
+            assert "MLFLOW_TRACKING_URI" not in _env_names(container), f"{group['groupName']} talks to MLflow"
+    for service in (d for d in docs if d["kind"] == "Service"):
+        ports = {p.get(key) for p in service["spec"]["ports"] for key in ("port", "targetPort")}
+        assert not ports & {5000, "mlflow"}, f"Service {service['metadata']['name']} exposes MLflow"
+
+
+def test_kuberay_raycluster_has_head_gpu_groups_pinned_images_and_mlflow_on_loopback():
     docs = load_all("clusters/kuberay-raycluster.yaml")
     clusters = [d for d in docs if d["kind"] == "RayCluster"]
     assert len(clusters) == 1
     check_raycluster(clusters[0])
-    head = _containers(clusters[0]["spec"]["headGroupSpec"]["template"])
-    assert any(c.get("command", [])[:2] == ["mlflow", "server"] for c in head)
-    service = next(d for d in docs if d["kind"] == "Service")
-    assert service["spec"]["selector"] == {"ray.io/cluster": clusters[0]["metadata"]["name"], "ray.io/node-type": "head"}
+    check_mlflow_sidecar(docs)
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    volumes = clusters[0]["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+    assert {"hilbert-shared", "hilbert-mlflow"} <= claims, "the shared volume or the MLflow database has no PVC"
+    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "hilbert-mlflow" for v in volumes)
     selector = load("clusters/kuberay-rayjob.yaml")["spec"]["clusterSelector"]
     assert selector == {"ray.io/cluster": clusters[0]["metadata"]["name"]}
 
 
-def test_kuberay_rayjob_runs_the_paper_sweep():
-    check_rayjob(load("clusters/kuberay-rayjob.yaml"))
+def test_kuberay_rayjob_runs_the_paper_sweep_logging_to_the_head_loopback():
+    job = load("clusters/kuberay-rayjob.yaml")
+    check_rayjob(job)
+    assert f"--tracking-uri {HEAD_TRACKING_URI}" in job["spec"]["entrypoint"], "the driver must log to the sidecar"
+
+
+def _sidecar_args(docs: list[dict]) -> list[str]:
+    cluster = next(d for d in docs if d["kind"] == "RayCluster")
+    return next(c for c in _containers(cluster["spec"]["headGroupSpec"]["template"]) if c["name"] == "mlflow")["args"]
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda docs: _sidecar_args(docs).__setitem__(1, "0.0.0.0"),
+    lambda docs: docs.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "hilbert-mlflow"},
+                              "spec": {"ports": [{"name": "mlflow", "port": 5000, "targetPort": 5000}]}}),
+    lambda docs: _containers(next(d for d in docs if d["kind"] == "RayCluster")["spec"]["workerGroupSpecs"][0]["template"])[0]
+    .update(env=[{"name": "MLFLOW_TRACKING_URI", "value": "http://hilbert-mlflow:5000"}]),
+], ids=["sidecar-every-interface", "mlflow-service", "worker-uri"])
+def test_mutated_mlflow_sidecar_is_rejected(mutate):
+    docs = load_all("clusters/kuberay-raycluster.yaml")
+    mutate(docs)
+    with pytest.raises(AssertionError):
+        check_mlflow_sidecar(docs)
 
 
 @pytest.mark.parametrize("mutate", [

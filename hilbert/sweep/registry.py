@@ -110,10 +110,13 @@ def stage_model(checkpoint_dir: str | Path, destination: Path) -> dict[str, Any]
     return described
 
 
-def log_model(run_id: str, checkpoint_dir: str | Path, *, tracking_uri: str | None = None) -> dict[str, Any]:
+def log_model(run_id: str, checkpoint_dir: str | Path, *, tracking_uri: str | None = None,
+              client: MlflowClient | None = None) -> dict[str, Any]:
     """Log a checkpoint (or fold folder) as ``model/`` of run ``run_id`` (inference files and
-    ``signature.json``); returns the signature."""
-    _, client = registry_client(tracking_uri)
+    ``signature.json``) in the store of ``tracking_uri``, or through ``client``; returns the
+    signature."""
+    if client is None:
+        _, client = registry_client(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="hilbert-register-") as staging:
         described = stage_model(checkpoint_dir, Path(staging))
         _refuse_stale_files(client, run_id, Path(staging))

@@ -45,6 +45,7 @@ from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 
 from hilbert.config import from_dict, to_dict
 from hilbert.sweep.config import SweepConfig, load_sweep
+from hilbert.sweep.relay import needs_relay, start_relay
 from hilbert.sweep.tracking import (FAILED, FINISHED, KILLED, Experiment, SweepTracker, TrialTracker, end_trial,
                                     find_trial_run, leaderboard, log_step, resolve_tracking_uri, source_tags,
                                     status_counts)
@@ -201,7 +202,7 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
         run.log_fold_table(per_fold)
         outputs = out_of_fold_outputs(Path(models), plan)
         run.log_figures(trial_figures(outputs, setup.classes))
-        log_model(run.run_id, models, tracking_uri=setup.experiment.uri)
+        log_model(run.run_id, models, client=setup.experiment.client)
         # Where a trial's time goes beyond its epochs (docs/benchmarks.md): before Train starts,
         # Train's whole fit (worker start-up + epochs), and logging results afterwards.
         run.log_epoch({"time/trial_setup_seconds": fitting - entered, "time/fit_seconds": fitted - fitting,
@@ -571,8 +572,6 @@ def _prepare(sweep: SweepConfig, *, manifest, feature_sets, address, log) -> _Pr
 
 def _run_tuner(sweep: SweepConfig, prepared: _Prepared, setup: TrialSetup, folder: SweepFolder, *,
                address: str | None, resuming: bool, retry_failed: bool, log: Callable[[str], None]) -> None:
-    from ray import tune
-
     from hilbert.ray_runtime import connect, dashboard_url
 
     # Tune saves its experiment state at most every 10 s by default; a driver killed in between
@@ -581,17 +580,38 @@ def _run_tuner(sweep: SweepConfig, prepared: _Prepared, setup: TrialSetup, folde
     # A trial retried after its node died counts Tune's iterations from 1 again; Optuna, which
     # only records them here (stopping is the scheduler's), would warn at every repeated step.
     warnings.filterwarnings("ignore", message="The reported value is ignored because this `step")
+    local = address in (None, "", "local")
     resources = connect(address)
-    concurrency = _fitting_concurrency(sweep, resources, local=address in (None, "", "local"), log=log)
+    concurrency = _fitting_concurrency(sweep, resources, local=local, log=log)
     url = dashboard_url()
     if url:
         log(f"Ray dashboard: {url}")
+    driver_experiment = setup.experiment  # the callback logs from here, directly
+    relay = None
+    if needs_relay(driver_experiment.uri, local_ray=local):
+        relay = start_relay(driver_experiment.uri)
+        setup = dataclasses.replace(setup, experiment=dataclasses.replace(driver_experiment, relay=relay))
+        log(f"trials log to {driver_experiment.uri} through this node (it is not reachable from other nodes)")
+    try:
+        _fit(sweep, setup, folder, driver_experiment, concurrency, resuming=resuming, retry_failed=retry_failed,
+             log=log)
+    finally:
+        if relay is not None:
+            import ray
+
+            ray.kill(relay)
+
+
+def _fit(sweep: SweepConfig, setup: TrialSetup, folder: SweepFolder, driver_experiment: Experiment,
+         concurrency: int, *, resuming: bool, retry_failed: bool, log: Callable[[str], None]) -> None:
+    from ray import tune
+
     trainable = tune.with_resources(tune.with_parameters(hilbert_trial, setup=setup), _trial_resources(sweep))
     if resuming and tune.Tuner.can_restore(str(folder.tune)):
         log(f"resuming: finished trials are kept{', failed ones run again' if retry_failed else ''}")
         tuner = tune.Tuner.restore(str(folder.tune), trainable, resume_unfinished=True, resume_errored=retry_failed)
     else:
-        callback = TrialRunsCallback(setup.experiment, setup.parent_run_id, sweep.scheduler.type)  # prints with print(): it is pickled with the Tuner
+        callback = TrialRunsCallback(driver_experiment, setup.parent_run_id, sweep.scheduler.type)  # prints with print(): it is pickled with the Tuner
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=_searcher(sweep), scheduler=_scheduler(sweep),

@@ -121,11 +121,13 @@ def mlflow_client(uri: str) -> MlflowClient:
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-    """An MLflow experiment in one store: plain strings, so it pickles into Ray trials."""
+    """An MLflow experiment in one store: plain strings, so it pickles into Ray trials (with the
+    handle of a relay when trials reach the store through the driver's node: see relay.py)."""
 
     uri: str
     experiment_id: str
     name: str
+    relay: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
     def open(cls, uri: str, name: str = "hilbert") -> "Experiment":
@@ -147,6 +149,10 @@ class Experiment:
 
     @property
     def client(self) -> MlflowClient:
+        if self.relay is not None:
+            from hilbert.sweep.relay import RelayedClient
+
+            return RelayedClient(self.relay)  # type: ignore[return-value]: the same methods
         return mlflow_client(self.uri)
 
 
