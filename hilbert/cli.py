@@ -482,8 +482,10 @@ def sweep(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking store (default: tracking.uri of the "
                                                           "sweep, else $MLFLOW_TRACKING_URI, else "
                                                           "<output_dir>/mlruns.db)."),
-    sweeps_dir: Optional[Path] = typer.Option(None, help="Folder of sweep folders (default: <output_dir>/sweeps of "
-                                                         "the base config; runs/sweeps with --resume alone)."),
+    sweeps_dir: Optional[str] = typer.Option(None, help="Folder of sweep folders, a path or a URI every node "
+                                                        "reaches on a cluster (s3://bucket/sweeps; default: "
+                                                        "<output_dir>/sweeps of the base config; runs/sweeps "
+                                                        "with --resume alone)."),
 ) -> None:
     """Search hyperparameters with Ray Tune + Optuna; each trial is a k-fold Ray Train DDP run.
 

@@ -269,7 +269,41 @@ def test_a_failing_trial_ends_failed_and_the_sweep_goes_on(local_ray, corpus: Pa
 # 3. The driver is SIGKILLed mid-sweep; `hilbert sweep --resume` finishes it
 
 
-def test_a_killed_sweep_resumes_keeping_finished_trials(corpus: Path, shared_cache: Path, tmp_path: Path):
+@pytest.fixture
+def object_store(tmp_path: Path):
+    """An S3 server on 127.0.0.1 (moto) with an empty bucket; yields (sweeps dir URI, environment
+    with its test credentials, pyarrow file system). Nothing may look for cloud credentials
+    elsewhere (no instance-metadata lookups)."""
+    import pyarrow.fs
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        fs = pyarrow.fs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1",
+                                     endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                                     allow_bucket_creation=True)
+        fs.create_dir("sweeps-bucket")
+        uri = f"s3://sweeps-bucket/sweeps?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        yield uri, credentials, fs
+    finally:
+        server.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("storage", ["local folder", "object store"])
+def test_a_killed_sweep_resumes_keeping_finished_trials(corpus: Path, shared_cache: Path, tmp_path: Path,
+                                                         storage: str, request):
     epochs = 8  # the interrupted trial is still training when the test sees its first epoch
     sweep_file = write_sweep(
         tmp_path, corpus, name="killed", trials=3, cache=shared_cache, epochs=epochs, workers=1,
@@ -277,12 +311,17 @@ def test_a_killed_sweep_resumes_keeping_finished_trials(corpus: Path, shared_cac
         search={"optimization.learning_rate": {"type": "loguniform", "low": 0.0003, "high": 0.01}})
     uri = store(tmp_path)
     command = [HILBERT, "sweep", str(sweep_file), "--tracking-uri", uri]
+    env = subprocess_env()
+    if storage == "object store":  # Tune's state, the checkpoints and sweep.json all in S3
+        sweeps_uri, credentials, bucket = request.getfixturevalue("object_store")
+        command += ["--sweeps-dir", sweeps_uri]
+        env.update(credentials)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.search_experiments()  # creates the store's tables now, not in a race with the driver
 
     # The driver in a session of its own, with a Ray of its own (no address: it starts one).
     with open(tmp_path / "first.log", "wb") as log:
-        driver = subprocess.Popen([*command, "--name", "killed"], env=subprocess_env(), cwd=tmp_path,
+        driver = subprocess.Popen([*command, "--name", "killed"], env=env, cwd=tmp_path,
                                   start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
         parent_id = wait_for_a_finished_and_a_training_trial(client, "exp-killed", driver, tmp_path / "first.log",
@@ -298,7 +337,7 @@ def test_a_killed_sweep_resumes_keeping_finished_trials(corpus: Path, shared_cac
     histories = {tid: objective_history(client, before[tid].info.run_id) for tid in finished_before}
     assert client.get_run(parent_id).info.status == RUNNING  # nobody ended it: the driver was killed
 
-    resumed = subprocess.Popen([*command, "--resume", "killed"], env=subprocess_env(), cwd=tmp_path,
+    resumed = subprocess.Popen([*command, "--resume", "killed"], env=env, cwd=tmp_path,
                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = resumed.communicate(timeout=300)
@@ -326,6 +365,15 @@ def test_a_killed_sweep_resumes_keeping_finished_trials(corpus: Path, shared_cac
         else:  # proposed after the restore
             assert "attempts" not in run.data.tags and [step for step, _ in history] == list(range(epochs))
     assert_challenger_is(client, "model-killed", best_finished(runs))
+    if storage == "object store":
+        import pyarrow.fs
+
+        stored = [info.path for info in bucket.get_file_info(pyarrow.fs.FileSelector("sweeps-bucket/sweeps/killed",
+                                                                                      recursive=True))]
+        assert "sweeps-bucket/sweeps/killed/sweep.json" in stored
+        assert any("/tune/experiment_state" in path or "/tune/searcher" in path for path in stored), stored[:20]
+        assert any("/checkpoint_" in path for path in stored), stored[:20]
+        assert not (tmp_path / "runs" / "sweeps").exists()  # nothing of the sweep on local disk
 
 
 def wait_for_a_finished_and_a_training_trial(client: MlflowClient, experiment: str, driver: subprocess.Popen,

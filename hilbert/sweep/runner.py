@@ -19,10 +19,12 @@ held a CPU would, on a 2-CPU machine, wait forever for workers that cannot be pl
 Concurrency is capped so that the trials' workers fit the cluster.
 
 Resuming: Tune's experiment state (with the Optuna study inside the searcher's state), each
-trial's Train checkpoints and ``sweep.json`` (the parent run, the tracking store) live in the
-sweep folder. ``hilbert sweep --resume NAME`` restores the Tuner; finished trials are kept,
-unfinished ones continue from their last epoch checkpoint (a Train run of the same name resumes
-from storage), and with ``retry_failed`` errored ones run again.
+trial's latest epoch checkpoint (Tune's for one-worker trials, Train's for DDP trials) and
+``sweep.json`` (the parent run, the tracking store) live in the sweep folder: a local path, or
+on a cluster a shared file system or an object-store URI. ``hilbert sweep --resume NAME``
+restores the Tuner; finished trials are kept, unfinished ones continue from their last epoch
+checkpoint, and with ``retry_failed`` errored ones run again. A trial whose node died is
+restarted by Tune (``max_failures``) from the same checkpoint, on any node.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,6 +47,7 @@ from typing import Any, Callable, Iterator
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 
+from hilbert import storage
 from hilbert.config import from_dict, to_dict
 from hilbert.sweep.config import SweepConfig, load_sweep
 from hilbert.sweep.relay import needs_relay, start_relay
@@ -78,34 +83,39 @@ class SweepInterrupted(KeyboardInterrupt):
 
 @dataclass(frozen=True)
 class SweepFolder:
-    """``<output_dir>/sweeps/<name>/``: ``sweep.json``, Tune's state (``tune/``), the trials'
-    Train checkpoints (``train/``) and their best fold models (``trials/<trial_id>/model``)."""
+    """``<sweeps dir>/<name>/``: ``sweep.json`` and Tune's state (``tune/``: the Optuna study,
+    trial results, one-worker trials' checkpoints), and the DDP trials' Train runs (``train/``).
+    A local path, or a URI (``s3://bucket/sweeps/NAME``) that every node of a cluster reaches."""
 
-    root: Path
+    root: str
 
     @classmethod
     def of(cls, sweeps_dir: str | Path, name: str) -> "SweepFolder":
-        return cls(Path(sweeps_dir).resolve() / name)
+        return cls(storage.join(storage.absolute(sweeps_dir), name))
 
     @property
-    def state_file(self) -> Path:
-        return self.root / STATE_FILE
+    def name(self) -> str:
+        return storage.name_of(self.root)
 
     @property
-    def tune(self) -> Path:
-        return self.root / "tune"
+    def parent(self) -> str:
+        return storage.parent_of(self.root)
 
     @property
-    def train(self) -> Path:
-        return self.root / "train"
+    def state_file(self) -> str:
+        return storage.join(self.root, STATE_FILE)
 
     @property
-    def trials(self) -> Path:
-        return self.root / "trials"
+    def tune(self) -> str:
+        return storage.join(self.root, "tune")
+
+    @property
+    def train(self) -> str:
+        return storage.join(self.root, "train")
 
 
-def sweeps_dir_for(config: TrainConfig) -> Path:
-    return Path(config.output_dir) / "sweeps"
+def sweeps_dir_for(config: TrainConfig) -> str:
+    return storage.join(str(config.output_dir), "sweeps")
 
 
 @dataclass
@@ -129,14 +139,12 @@ class SweepState:
         return sweep
 
     def write(self, folder: SweepFolder) -> None:
-        from hilbert.features.cache import atomic_write_json
-
-        atomic_write_json(folder.state_file, dataclasses.asdict(self))
+        storage.write_text(folder.state_file, json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False) + "\n")
 
     @classmethod
     def read(cls, folder: SweepFolder) -> "SweepState":
         try:
-            return cls(**json.loads(folder.state_file.read_text(encoding="utf-8")))
+            return cls(**json.loads(storage.read_text(folder.state_file)))
         except FileNotFoundError:
             raise SweepError(f"no sweep at {folder.root} (no {STATE_FILE}): check the name and --sweeps-dir") from None
         except (json.JSONDecodeError, TypeError) as error:
@@ -190,19 +198,23 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
     params = {**values, "config": trained}
     with TrialTracker(setup.experiment, setup.parent_run_id, trial_id, params, name=trial_run_name(trial_id),
                       tags={**setup.run_tags, **_node_tags()}) as run:
-        destination = setup.folder.trials / trial_id / "model"
-        fitting = time.perf_counter()
-        if config.scaling.num_workers == 1:
-            per_fold, models = _train_in_trial(plan, config, setup.folder.train / trial_id, destination)
-        else:
-            # Same Train run name on every attempt: a restarted trial resumes from its last epoch.
-            trainer = build_trainer(plan, config, trial_id, setup.folder.train, callbacks=[TuneReportCallback()])
-            per_fold, models = collect_fold_models(trainer.fit(), destination)
-        fitted = time.perf_counter()
-        run.log_fold_table(per_fold)
-        outputs = out_of_fold_outputs(Path(models), plan)
-        run.log_figures(trial_figures(outputs, setup.classes))
-        log_model(run.run_id, models, client=setup.experiment.client)
+        # The best fold models, on this node only until they are logged (the run keeps them).
+        local = Path(tempfile.mkdtemp(prefix=f"hilbert-trial-{trial_id}-"))
+        try:
+            fitting = time.perf_counter()
+            if config.scaling.num_workers == 1:
+                per_fold, models = _train_in_trial(plan, config, local / "model")
+            else:
+                # Same Train run name on every attempt: a restarted trial resumes from its last epoch.
+                trainer = build_trainer(plan, config, trial_id, setup.folder.train, callbacks=[TuneReportCallback()])
+                per_fold, models = collect_fold_models(trainer.fit(), local / "model")
+            fitted = time.perf_counter()
+            run.log_fold_table(per_fold)
+            outputs = out_of_fold_outputs(Path(models), plan)
+            run.log_figures(trial_figures(outputs, setup.classes))
+            log_model(run.run_id, models, client=setup.experiment.client)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
         # Where a trial's time goes beyond its epochs (docs/benchmarks.md): before Train starts,
         # Train's whole fit (worker start-up + epochs), and logging results afterwards.
         run.log_epoch({"time/trial_setup_seconds": fitting - entered, "time/fit_seconds": fitted - fitting,
@@ -217,12 +229,13 @@ def _node_tags() -> dict[str, str]:
     return {"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": ray.util.get_node_ip_address()}
 
 
-def _train_in_trial(plan: dict[str, Any], config: TrainConfig, checkpoints: Path, destination: Path
+def _train_in_trial(plan: dict[str, Any], config: TrainConfig, destination: Path
                     ) -> tuple[dict[int, dict[str, float]], str]:
     """A one-worker trial trains in its own Tune actor: DDP has nothing to do with one process,
     and Ray Train's controller and worker group cost ~11 s a trial to start on 2 cores (see
-    docs/benchmarks.md). Same loop, same per-epoch reports; the last epoch's checkpoint is kept
-    in ``checkpoints`` (written whole, then renamed), so a restarted trial resumes from it."""
+    docs/benchmarks.md). Same loop, same per-epoch reports. Each epoch's checkpoint goes to Tune,
+    which keeps the latest in the sweep's storage (a path or a URI), so a trial restarted on any
+    node (its node died, the driver was killed and the sweep resumed) continues from it."""
     import torch
     from ray import tune
 
@@ -231,32 +244,20 @@ def _train_in_trial(plan: dict[str, Any], config: TrainConfig, checkpoints: Path
 
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
     use_gpu = config.scaling.use_gpu and torch.cuda.is_available()
-    checkpoints.mkdir(parents=True, exist_ok=True)
 
     def report(metrics: dict[str, Any], folder: Path | None) -> None:
-        if folder is not None:
-            target = checkpoints / f"checkpoint_{int(metrics['epoch']):06d}"
-            partial = checkpoints / f".{target.name}.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(folder, partial)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(partial, target)
-            for older in checkpoints.glob("checkpoint_*"):
-                if older != target:
-                    shutil.rmtree(older, ignore_errors=True)
-        tune.report(metrics)
+        # Tune copies the folder to storage before report returns; the loop then deletes it.
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)) if folder else None)
 
-    train_folds(plan, WorkerContext(device=torch.device("cuda" if use_gpu else "cpu"), report=report,
-                                    resume_from=_latest_checkpoint(checkpoints)))
-    final = _latest_checkpoint(checkpoints)
+    restored = tune.get_checkpoint()
+    with restored.as_directory() if restored else contextlib.nullcontext(None) as resume_from:
+        train_folds(plan, WorkerContext(device=torch.device("cuda" if use_gpu else "cpu"), report=report,
+                                        resume_from=Path(resume_from) if resume_from else None))
+    final = tune.get_checkpoint()  # the last one reported (or restored, when every epoch was done)
     if final is None:
-        raise RuntimeError(f"training wrote no checkpoint under {checkpoints}")
-    return fold_models_from_checkpoint(final, destination)
-
-
-def _latest_checkpoint(checkpoints: Path) -> Path | None:
-    complete = sorted(checkpoints.glob("checkpoint_*"))  # zero-padded epochs: the last is the latest
-    return complete[-1] if complete else None
+        raise RuntimeError("training reported no checkpoint")
+    with final.as_directory() as folder:
+        return fold_models_from_checkpoint(Path(folder), destination)
 
 
 def _report_if_already_finished(setup: TrialSetup, trial_id: str) -> bool:
@@ -426,7 +427,7 @@ def _error_summary(trial) -> str:
 @dataclass
 class SweepResult:
     name: str
-    folder: Path
+    folder: str  # a path or a URI
     tracking_uri: str
     experiment: Experiment
     parent_run_id: str
@@ -465,7 +466,7 @@ def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, 
         assert sweep.base_config is not None
         name = name or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         folder = SweepFolder.of(sweeps_dir or sweeps_dir_for(sweep.base_config), name)
-        if folder.state_file.exists():
+        if storage.exists(folder.state_file):
             raise SweepError(f"a sweep named {name!r} exists at {folder.root}: continue it with --resume {name} "
                              "or pick another --name")
         state = None
@@ -479,20 +480,19 @@ def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, 
     experiment = Experiment.open(uri, state.experiment if state else sweep.tracking.experiment)
     if state is None:
         tracker = SweepTracker.start(
-            experiment, folder.root.name, search_space={k: _defined(p) for k, p in sweep.search.items()},
+            experiment, folder.name, search_space={k: _defined(p) for k, p in sweep.search.items()},
             objective=dataclasses.asdict(sweep.objective), manifest_fingerprint=prepared.manifest_sha256,
             encoders=prepared.encoder_keys, config={"sweep": to_dict(sweep), "base": to_dict(sweep.base_config)},
-            tags={"sweep_folder": str(folder.root)})
-        state = SweepState(folder.root.name, to_dict(sweep), to_dict(sweep.base_config), uri, experiment.name,
+            tags={"sweep_folder": folder.root})
+        state = SweepState(folder.name, to_dict(sweep), to_dict(sweep.base_config), uri, experiment.name,
                            tracker.run_id, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        folder.root.mkdir(parents=True, exist_ok=True)
         state.write(folder)
     else:
         tracker = SweepTracker.attach(experiment, state.parent_run_id)
     log(f"sweep {state.name}: folder {folder.root}; MLflow {uri}, experiment {experiment.name!r}, "
         f"parent run {state.parent_run_id}")
 
-    with tracker, _working_in(folder.root):
+    with tracker, _working_in(folder.root if not storage.is_uri(folder.root) else tempfile.gettempdir()):
         _run_tuner(sweep, prepared, TrialSetup(sweep, prepared.plans, prepared.classes, experiment,
                                                state.parent_run_id, folder, source_tags()),
                    folder, address=address, resuming=resume is not None, retry_failed=retry_failed, log=log)
@@ -535,7 +535,7 @@ def _locate(name: str, sweep_file: str | Path | None, sweeps_dir: str | Path | N
             overrides: dict[str, Any] | None) -> tuple[SweepFolder, SweepState]:
     if sweeps_dir is None:
         base = load_sweep(sweep_file, overrides).base_config if sweep_file else None
-        sweeps_dir = sweeps_dir_for(base) if base else Path("runs") / "sweeps"
+        sweeps_dir = sweeps_dir_for(base) if base else str(Path("runs") / "sweeps")
     folder = SweepFolder.of(sweeps_dir, name)
     return folder, SweepState.read(folder)
 
@@ -607,9 +607,9 @@ def _fit(sweep: SweepConfig, setup: TrialSetup, folder: SweepFolder, driver_expe
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(hilbert_trial, setup=setup), _trial_resources(sweep))
-    if resuming and tune.Tuner.can_restore(str(folder.tune)):
+    if resuming and tune.Tuner.can_restore(folder.tune):
         log(f"resuming: finished trials are kept{', failed ones run again' if retry_failed else ''}")
-        tuner = tune.Tuner.restore(str(folder.tune), trainable, resume_unfinished=True, resume_errored=retry_failed)
+        tuner = tune.Tuner.restore(folder.tune, trainable, resume_unfinished=True, resume_errored=retry_failed)
     else:
         callback = TrialRunsCallback(driver_experiment, setup.parent_run_id, sweep.scheduler.type)  # prints with print(): it is pickled with the Tuner
         tuner = tune.Tuner(
@@ -618,19 +618,21 @@ def _fit(sweep: SweepConfig, setup: TrialSetup, folder: SweepFolder, driver_expe
                                         num_samples=sweep.trials, max_concurrent_trials=concurrency,
                                         trial_name_creator=lambda trial: trial_run_name(trial.trial_id),
                                         trial_dirname_creator=lambda trial: trial_run_name(trial.trial_id)),
-            run_config=tune.RunConfig(name=folder.tune.name, storage_path=str(folder.root),
+            run_config=tune.RunConfig(name=storage.name_of(folder.tune), storage_path=folder.root,
                                       # Tune's own tables print every metric of every
                                       # report; the callback prints one line a trial.
                                       callbacks=[callback], verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
+                                      failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                      # One-worker trials: only the latest epoch is resumed from.
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
     grid = tuner.fit()
     ended = grid.num_terminated + grid.num_errors
     if ended < sweep.trials:
         # Tune turns Ctrl-C (SIGINT) into a saved, stopped experiment and returns normally.
-        raise SweepInterrupted(f"sweep {folder.root.name!r} stopped with {ended} of {sweep.trials} trials ended; "
-                               f"continue it with: hilbert sweep --resume {folder.root.name} "
-                               f"--sweeps-dir {folder.root.parent}")
+        raise SweepInterrupted(f"sweep {folder.name!r} stopped with {ended} of {sweep.trials} trials ended; "
+                               f"continue it with: hilbert sweep --resume {folder.name} "
+                               f"--sweeps-dir {shlex.quote(folder.parent)}")
 
 
 def _trial_resources(sweep: SweepConfig) -> dict[str, float]:
