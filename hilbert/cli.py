@@ -108,8 +108,9 @@ def extract(
     manifest: Path = typer.Argument(..., help="Manifest JSONL file."),
     audio_encoder: str = typer.Option("logmel", "--audio-encoder", "-a", help=AUDIO_ENCODER_HELP),
     text_encoder: str = typer.Option("hashngram", "--text-encoder", "-t", help=TEXT_ENCODER_HELP),
-    cache: Path = typer.Option(Path("cache"), "--cache", help="Feature cache folder (created if needed; "
-                                                              "shared between runs and manifests)."),
+    cache: str = typer.Option("cache", "--cache", help="Feature cache: a folder (created if needed; shared between "
+                                                        "runs and manifests) or a URI every node reads, "
+                                                        "e.g. s3://bucket/cache."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (`auto`, `ray://host:10001`); "
                                                      "default: an embedded local Ray."),
     actors: Optional[int] = typer.Option(None, help="Encoder actors (default: one per GPU, else one per CPU)."),
@@ -238,7 +239,7 @@ def demo(
 
     console.rule("5. promote: challenger vs champion on the held-out documents")
     with _refusing(RegistryError):
-        decision = promote_model(result.model_name, held_out_scorer(held_out, Path(data.cache_dir), address),
+        decision = promote_model(result.model_name, held_out_scorer(held_out, data.cache_dir, address),
                                  tracking_uri=result.tracking_uri, metric=held_out_metric(held_out_path))
     print_promotion(decision)
 
@@ -253,7 +254,7 @@ def demo(
         champion_metrics = evaluate_corpus(predictor, held_out, data.cache_dir, address=address)
     console.print(f"class probabilities per task for {len(held_out)} documents: {predictions_path}")
 
-    baseline_metrics = held_out_baseline(predictor.label_maps, development, held_out, Path(data.cache_dir),
+    baseline_metrics = held_out_baseline(predictor.label_maps, development, held_out, data.cache_dir,
                                          extraction.feature_set)
     tasks = predictor.label_maps.tasks
     version = decision.challenger_version if decision.promoted else decision.champion_version
@@ -275,7 +276,7 @@ def demo(
     console.print(f"open the MLflow UI: {ui_command(result.tracking_uri)}")
 
 
-def held_out_baseline(label_maps, development: Manifest, held_out: Manifest, cache: Path, feature_set) -> dict:
+def held_out_baseline(label_maps, development: Manifest, held_out: Manifest, cache: str | Path, feature_set) -> dict:
     """Logistic regression on mean-pooled features, fit on the development documents, scored on
     the held-out ones: what the champion has to beat."""
     import numpy as np
@@ -335,7 +336,7 @@ def print_cross_validation(result) -> None:
 def train(
     config: Path = typer.Argument(..., help="Training YAML (see tune/train-demo.yaml)."),
     manifest: Optional[Path] = typer.Option(None, help="Override data.manifest."),
-    cache: Optional[Path] = typer.Option(None, help="Override data.cache_dir."),
+    cache: Optional[str] = typer.Option(None, help="Override data.cache_dir (a folder or a URI)."),
     workers: Optional[int] = typer.Option(None, help="Override scaling.num_workers (DDP workers per run)."),
     gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Override scaling.use_gpu (NCCL on GPU, gloo on CPU)."),
     epochs: Optional[int] = typer.Option(None, help="Override optimization.epochs."),
@@ -401,7 +402,7 @@ def _tracking_uri(explicit: Optional[str]) -> str:
 def evaluate(
     model: str = typer.Argument(..., help=MODEL_HELP),
     manifest: Path = typer.Argument(..., help="Labelled manifest to evaluate on (features extracted through the cache)."),
-    cache: Path = typer.Option(Path("cache"), help="Feature cache folder."),
+    cache: str = typer.Option("cache", help="Feature cache folder, or URI (s3://bucket/cache...)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
     output: Optional[Path] = typer.Option(None, help="Also write the metrics as JSON here."),
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
@@ -431,7 +432,7 @@ def predict(
     model: str = typer.Argument(..., help=MODEL_HELP),
     manifest: Path = typer.Argument(..., help="Manifest of the documents to predict (labels not needed)."),
     out: Path = typer.Argument(..., help="Parquet file: doc_id, predicted class and class probabilities per task."),
-    cache: Path = typer.Option(Path("cache"), help="Feature cache folder."),
+    cache: str = typer.Option("cache", help="Feature cache folder, or URI (s3://bucket/cache...)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
 ) -> None:
@@ -450,7 +451,7 @@ def embed(
     model: str = typer.Argument(..., help=MODEL_HELP),
     manifest: Path = typer.Argument(..., help="Manifest of the documents to embed (labels not needed)."),
     out: Path = typer.Argument(..., help="Parquet file: audio, text and joint embeddings and segment pooling weights."),
-    cache: Path = typer.Option(Path("cache"), help="Feature cache folder."),
+    cache: str = typer.Option("cache", help="Feature cache folder, or URI (s3://bucket/cache...)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
 ) -> None:
@@ -575,7 +576,7 @@ def promote(
     model_name: str = typer.Argument(..., help="Registered model name (tracking.model_name of the sweep)."),
     manifest: Path = typer.Option(..., help="Held-out labelled documents that both models are scored on "
                                             "(mean macro AUC over tasks)."),
-    cache: Path = typer.Option(Path("cache"), help="Feature cache folder."),
+    cache: str = typer.Option("cache", help="Feature cache folder, or URI (s3://bucket/cache...)."),
     force: bool = typer.Option(False, help="Move `champion` to the challenger even if it scores lower."),
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
     address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
@@ -591,7 +592,7 @@ def promote(
     print_promotion(decision)
 
 
-def held_out_scorer(corpus: Manifest, cache: Path, address: Optional[str] = None):
+def held_out_scorer(corpus: Manifest, cache: str | Path, address: Optional[str] = None):
     """Model folder -> mean macro AUC over its tasks on ``corpus`` (what promotion compares)."""
     import math
 

@@ -15,6 +15,11 @@ asks for it, and changing one part of the key recomputes exactly the entries it 
 Every file is written to a temporary name in its final folder, flushed, then renamed into place
 (``os.replace`` is atomic on POSIX file systems): a killed extraction leaves either a whole entry
 or none, and the next run resumes from what is there. Stored as safetensors: no pickle anywhere.
+
+The root may also be a URI (an object store such as ``s3://bucket/cache``, or any pyarrow file
+system), so that every node of a cluster shares one cache: each file is one upload there, which
+readers see whole or not at all, and each node reads through a local mirror of the same layout
+(see :class:`FeatureCache`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
+from hilbert import storage
+
 Modality = Literal["audio", "text"]
 MODALITIES: tuple[Modality, ...] = ("audio", "text")
 
@@ -42,6 +49,10 @@ CACHE_FORMAT_VERSION = 1
 # How audio is prepared before any encoder sees it; part of every audio key.
 AUDIO_PREPROCESSING = {"downmix": "mean", "resampler": "torchaudio.functional.resample(sinc)",
                        "slicing": "round(seconds * rate), clipped to the signal"}
+
+# Where node-local mirrors of URI roots live, unless $HILBERT_CACHE_MIRROR names another folder.
+MIRROR_ENV = "HILBERT_CACHE_MIRROR"
+DEFAULT_MIRRORS = Path("~/.cache/hilbert/mirrors")
 
 # Temporary files older than this are leftovers of a killed writer, not a writer in progress.
 STALE_TEMPORARY_SECONDS = 3600
@@ -106,6 +117,12 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def mirror_folder(uri: str) -> Path:
+    """This node's mirror of the cache at ``uri``: one folder per URI (its ``?options`` aside)."""
+    mirrors = Path(os.environ.get(MIRROR_ENV) or DEFAULT_MIRRORS).expanduser()
+    return mirrors / hashlib.sha256(uri.partition("?")[0].rstrip("/").encode("utf-8")).hexdigest()[:16]
+
+
 @dataclass
 class FeatureSet:
     """Where the features of every document of one manifest live, for one encoder pair.
@@ -135,17 +152,76 @@ class FeatureSet:
 
 
 class FeatureCache:
-    """The feature store rooted at ``root`` (created on first write)."""
+    """The feature store rooted at ``root`` (created on first write): a folder, or a URI.
+
+    With a URI (``s3://``, ``gs://``, any pyarrow file system) the store is shared by every node
+    and authoritative; ``root`` is then a node-local mirror folder that holds whatever this node
+    wrote or read (``$HILBERT_CACHE_MIRROR``, default ``~/.cache/hilbert/mirrors``, one subfolder
+    per URI). An entry's key covers everything its values depend on, so a mirror copy is never
+    stale. Entries reach the store before the mirror, so a mirror never claims what the store
+    lacks. ``location`` is what to hand to other processes and nodes, never ``root``.
+    """
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.location = storage.absolute(root)
+        self.store: storage.Folder | None = None
+        if storage.is_uri(self.location):
+            self.store = storage.Folder(self.location)
+            self.root = mirror_folder(self.location)
+        else:
+            self.root = Path(root)
+
+    def _shown(self, relative: str) -> str:
+        """Where file ``relative`` lives, for messages."""
+        return storage.shown(self.store.uri(relative)) if self.store else str(self.root / relative)
+
+    def _refresh(self, relative: str) -> bool:
+        """Copy file ``relative`` from the store into the mirror (atomically); False when the store
+        has none (or the root is local)."""
+        if self.store is None:
+            return False
+        try:
+            data = self.store.read_bytes(relative)
+        except FileNotFoundError:
+            return False
+        atomic_write_bytes(self.root / relative, data)
+        return True
+
+    def _write(self, relative: str, data: bytes) -> Path:
+        """Write file ``relative``: to the store first, then the mirror (or only the local root)."""
+        if self.store is not None:
+            self.store.write_bytes(relative, data)
+        path = self.root / relative
+        atomic_write_bytes(path, data)
+        return path
+
+    def local_copy(self, relative: str) -> Path:
+        """The local path of file ``relative`` (say ``splits/x.json``), refreshed from the store
+        first when the root is a URI (the store's copy wins); it may not exist."""
+        self._refresh(relative)
+        return self.root / relative
+
+    def publish(self, relative: str) -> None:
+        """Copy local file ``relative`` (written at :meth:`local_copy`'s path) to the store."""
+        if self.store is not None:
+            self.store.write_bytes(relative, (self.root / relative).read_bytes())
 
     # entries ------------------------------------------------------------------------------
+    @staticmethod
+    def _entry(modality: Modality, key: str) -> str:
+        return f"entries/{modality}/{key[:2]}/{key}.safetensors"
+
     def entry_path(self, modality: Modality, key: str) -> Path:
-        return self.root / "entries" / modality / key[:2] / f"{key}.safetensors"
+        return self.root / self._entry(modality, key)
 
     def has(self, modality: Modality, key: str) -> bool:
-        """True when a complete, readable entry exists (header checked, values not read)."""
+        """True when a complete, readable entry exists (header checked, values not read).
+
+        With a URI root: when the store holds the entry (the mirror is not asked: the store is
+        what other nodes read). A corrupt local entry counts as missing, so it is recomputed.
+        """
+        if self.store is not None:
+            return self.store.exists(self._entry(modality, key))
         path = self.entry_path(modality, key)
         if not path.is_file():
             return False
@@ -155,8 +231,17 @@ class FeatureCache:
         except (SafetensorError, OSError, ValueError):
             return False  # a corrupt file (say, a truncated copy) is recomputed, then replaced
 
+    def present(self, modality: Modality, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` :meth:`has`; a store is listed once rather than asked key by key."""
+        keys = list(keys)
+        if self.store is None or len(keys) <= 16:
+            return {key for key in keys if self.has(modality, key)}
+        listed = set(self.store.files(f"entries/{modality}"))
+        return {key for key in keys if self._entry(modality, key) in listed}
+
     def put(self, modality: Modality, key: str, features: np.ndarray, *, doc_id: str, encoder: str) -> Path:
-        """Store one document's features atomically after checking they are finite."""
+        """Store one document's features atomically after checking they are finite; returns the
+        local (mirror) path."""
         features = np.ascontiguousarray(features, dtype=np.float32)
         if features.ndim != 2:
             raise FeatureValueError(f"doc_id {doc_id!r}: {modality} encoder {encoder!r} returned shape "
@@ -168,37 +253,53 @@ class FeatureCache:
                 f"for segments {bad_rows[:10].tolist()}{' ...' if bad_rows.size > 10 else ''}")
         metadata = {"doc_id": doc_id, "encoder": encoder, "modality": modality, "key": key,
                     "format_version": str(CACHE_FORMAT_VERSION)}
-        path = self.entry_path(modality, key)
-        atomic_write_bytes(path, safetensors_bytes({"features": features}, metadata=metadata))
-        return path
+        return self._write(self._entry(modality, key), safetensors_bytes({"features": features}, metadata=metadata))
 
     def get(self, modality: Modality, key: str) -> np.ndarray:
-        path = self.entry_path(modality, key)
+        relative = self._entry(modality, key)
+        path = self.root / relative
+        if self.store is not None and not path.is_file():
+            self._refresh(relative)
         try:
             with safe_open(str(path), framework="numpy") as entry:
                 return entry.get_tensor("features")
         except FileNotFoundError:
-            raise CacheError(f"cache entry missing: {path} (run `hilbert extract` again)") from None
+            raise CacheError(f"cache entry missing: {self._shown(relative)} (run `hilbert extract` again)") from None
         except (SafetensorError, OSError, ValueError) as error:
-            raise CacheError(f"cache entry unreadable: {path} ({error}); delete it and extract again") from error
+            if self.store is not None:
+                path.unlink(missing_ok=True)  # the next read downloads it again
+            raise CacheError(f"cache entry unreadable: {self._shown(relative)} ({error}); "
+                             "delete it and extract again") from error
 
     # feature sets -------------------------------------------------------------------------
+    @staticmethod
+    def _feature_set(set_id: str) -> str:
+        return f"sets/{set_id}.json"
+
     def feature_set_path(self, set_id: str) -> Path:
-        return self.root / "sets" / f"{set_id}.json"
+        return self.root / self._feature_set(set_id)
+
+    def feature_set_location(self, set_id: str) -> str:
+        """Where the feature set lives, for messages (its URI without options, or its path)."""
+        return self._shown(self._feature_set(set_id))
 
     def write_feature_set(self, feature_set: FeatureSet) -> Path:
-        path = self.feature_set_path(feature_set.id)
-        atomic_write_json(path, asdict(feature_set))
-        return path
+        payload = json.dumps(asdict(feature_set), indent=1, ensure_ascii=False) + "\n"
+        return self._write(self._feature_set(feature_set.id), payload.encode("utf-8"))
 
     def read_feature_set(self, manifest_sha256: str, audio_encoder: str, text_encoder: str) -> FeatureSet | None:
-        path = self.feature_set_path(FeatureSet.set_id(manifest_sha256, audio_encoder, text_encoder))
+        """The feature set, or None; with a URI root the store's copy is read (and mirrored)."""
+        relative = self._feature_set(FeatureSet.set_id(manifest_sha256, audio_encoder, text_encoder))
+        if self.store is not None and not self._refresh(relative):
+            return None
+        path = self.root / relative
         if not path.is_file():
             return None
         try:
             return FeatureSet(**json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, TypeError) as error:
-            raise CacheError(f"feature set unreadable: {path} ({error}); run `hilbert extract` again") from error
+            raise CacheError(f"feature set unreadable: {self._shown(relative)} ({error}); "
+                             "run `hilbert extract` again") from error
 
     def load_document(self, feature_set: FeatureSet, doc_id: str) -> tuple[np.ndarray, np.ndarray]:
         """The (audio [S, Da], text [S, Dt]) features of one document of ``feature_set``."""
@@ -213,7 +314,9 @@ class FeatureCache:
 
     # audio fingerprints -------------------------------------------------------------------
     def audio_sha256(self, paths: Iterable[Path]) -> dict[Path, str]:
-        """sha256 of each audio file, memoised by (path, size, mtime) so re-runs skip hashing."""
+        """sha256 of each audio file, memoised by (path, size, mtime) so re-runs skip hashing.
+
+        The memo is about this machine's files, so with a URI root it stays in the mirror."""
         memo_path = self.root / "fingerprints.json"
         try:
             memo = json.loads(memo_path.read_text(encoding="utf-8"))
@@ -236,7 +339,8 @@ class FeatureCache:
 
     # housekeeping -------------------------------------------------------------------------
     def remove_stale_temporaries(self, older_than_seconds: float = STALE_TEMPORARY_SECONDS) -> int:
-        """Delete temporary files left by killed writers; returns how many were removed."""
+        """Delete temporary files left by killed writers (in the mirror, for a URI root); returns
+        how many were removed. An object store never shows a half-written object."""
         if not self.root.exists():
             return 0
         cutoff, removed = time.time() - older_than_seconds, 0

@@ -100,7 +100,7 @@ class ExtractionReport:
     computed_audio_seconds: float = 0.0
     encode_wall_seconds: float = 0.0
     total_seconds: float = 0.0
-    feature_set_path: Path | None = None
+    feature_set_path: Path | str | None = None  # the URI (options left out) for a cache on a URI
     feature_set: FeatureSet | None = None
 
     @property
@@ -137,7 +137,8 @@ def extract_features(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> ExtractionReport:
-    """Fill ``cache_dir`` with the features of every document of ``manifest``.
+    """Fill ``cache_dir`` (a folder, or a URI every node reads) with the features of every
+    document of ``manifest``.
 
     Returns the report with the :class:`FeatureSet` that training reads. ``address`` is the Ray
     cluster (None: an embedded local Ray, started only when something needs encoding).
@@ -167,7 +168,8 @@ def extract_features(
         report.computed_audio_seconds = sum(job.audio_seconds for job in jobs)
 
     for modality in MODALITIES:
-        missing = [doc_id for doc_id, k in keys[modality].items() if not cache.has(modality, k)]
+        stored = cache.present(modality, keys[modality].values())
+        missing = [doc_id for doc_id, k in keys[modality].items() if k not in stored]
         if missing:
             raise ExtractionError(f"{len(missing)} {modality} entries still missing after extraction, "
                                   f"first doc_id {missing[0]!r}")
@@ -181,7 +183,8 @@ def extract_features(
         audio_dim=dims["audio"], text_dim=dims["text"],
         documents={d.doc_id: {"audio": keys["audio"][d.doc_id], "text": keys["text"][d.doc_id],
                               "segments": len(d.segments)} for d in manifest})
-    report.feature_set_path = cache.write_feature_set(feature_set)
+    written = cache.write_feature_set(feature_set)
+    report.feature_set_path = written if cache.store is None else cache.feature_set_location(feature_set.id)
     report.feature_set = feature_set
     report.total_seconds = time.perf_counter() - started
     return report
@@ -192,17 +195,19 @@ def _plan(manifest: Manifest, cache: FeatureCache, fingerprints: dict[str, dict[
     """Every document's entry keys, and one job per document that misses any entry."""
     audio_hashes = cache.audio_sha256(sorted({d.audio_path for d in manifest}))
     keys: dict[str, dict[str, str]] = {m: {} for m in MODALITIES}
-    jobs: list[_Job] = []
     for doc in manifest:
         spans = tuple((s.start, s.end) for s in doc.segments)
-        texts = tuple(s.text for s in doc.segments)
-        keys["audio"][doc.doc_id] = audio_key = audio_entry_key(audio_hashes[doc.audio_path], spans,
-                                                                fingerprints["audio"])
-        keys["text"][doc.doc_id] = text_key = text_entry_key(texts, fingerprints["text"])
-        missing_audio = "" if cache.has("audio", audio_key) else audio_key
-        missing_text = "" if cache.has("text", text_key) else text_key
+        keys["audio"][doc.doc_id] = audio_entry_key(audio_hashes[doc.audio_path], spans, fingerprints["audio"])
+        keys["text"][doc.doc_id] = text_entry_key([s.text for s in doc.segments], fingerprints["text"])
+    stored = {modality: cache.present(modality, keys[modality].values()) for modality in MODALITIES}
+    jobs: list[_Job] = []
+    for doc in manifest:
+        audio_key, text_key = keys["audio"][doc.doc_id], keys["text"][doc.doc_id]
+        missing_audio = "" if audio_key in stored["audio"] else audio_key
+        missing_text = "" if text_key in stored["text"] else text_key
         if missing_audio or missing_text:
-            jobs.append(_Job(doc.doc_id, missing_audio, missing_text, str(doc.audio_path), spans, texts))
+            jobs.append(_Job(doc.doc_id, missing_audio, missing_text, str(doc.audio_path),
+                             tuple((s.start, s.end) for s in doc.segments), tuple(s.text for s in doc.segments)))
     # Longest documents first: the pool's tail then holds short documents, not one long straggler.
     jobs.sort(key=lambda job: -(job.audio_seconds + 1e-3 * sum(len(t) for t in job.texts)))
     return keys, jobs
@@ -276,7 +281,7 @@ def _run_on_ray(jobs: list[_Job], specs: dict[str, str], cache: FeatureCache, *,
     dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), num_actors * 4))
     encoded = dataset.map_batches(
         EncodeAndStore,
-        fn_constructor_kwargs={"specs": specs, "cache_root": str(cache.root), "device": "cuda" if use_gpu else "cpu",
+        fn_constructor_kwargs={"specs": specs, "cache_root": cache.location, "device": "cuda" if use_gpu else "cpu",
                                "threads": max(1, int(cpus_per_actor))},
         batch_size=documents_per_batch,
         compute=ray.data.ActorPoolStrategy(size=num_actors),

@@ -35,7 +35,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 @dataclass
 class DataConfig:
     manifest: str = ""
-    cache_dir: str = "cache"
+    cache_dir: str = "cache"  # a folder, or a URI every node reads (s3://bucket/cache, gs://...: see FeatureCache)
     audio_encoder: str = "logmel"
     text_encoder: str = "hashngram"
     tasks: list[str] | None = None  # default: every task of the corpus

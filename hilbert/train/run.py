@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hilbert import storage
 from hilbert.config import to_dict
 from hilbert.data.manifest import Manifest, load_manifest
 from hilbert.features.batches import LabelMaps
@@ -109,25 +110,31 @@ def prepare_data(config: TrainConfig, *, manifest: Manifest | None = None, featu
             raise TrainingError(f"optimization.{field_name}: {', '.join(map(repr, unknown))} not among the tasks "
                                 f"trained ({', '.join(label_maps.tasks)})")
     labels = {doc.doc_id: label_maps.encode(doc) for doc in manifest}
-    split = load_or_make_split(_split_path(config, manifest, feature_set.manifest_sha256), manifest, config.cv.folds,
-                               stratify=config.cv.stratify, seed=config.cv.seed)
+    split = _load_or_make_split(config, manifest, feature_set.manifest_sha256)
     smallest_train = min(len(split.train_ids(f)) for f in range(split.k))
     if smallest_train < 4:
         raise TrainingError(f"a training fold holds {smallest_train} documents; at least 4 are needed (lower cv.folds)")
     return PreparedData(manifest, feature_set, label_maps, labels, split)
 
 
-def _split_path(config: TrainConfig, manifest: Manifest, manifest_sha256: str) -> Path:
+def _load_or_make_split(config: TrainConfig, manifest: Manifest, manifest_sha256: str) -> Split:
+    """The split of ``cv.split_file``, else of ``<cache_dir>/splits/`` (with a URI cache, the
+    store's copy is read, and a new split is written back there for every other node and run)."""
+    settings = {"stratify": config.cv.stratify, "seed": config.cv.seed}
     if config.cv.split_file:
-        return Path(config.cv.split_file)
+        return load_or_make_split(Path(config.cv.split_file), manifest, config.cv.folds, **settings)
     stratify = config.cv.stratify or (config.data.tasks or manifest.tasks or ["none"])[0]
-    return Path(config.data.cache_dir) / "splits" / f"{manifest_sha256[:12]}-k{config.cv.folds}-{stratify}-s{config.cv.seed}.json"
+    relative = f"splits/{manifest_sha256[:12]}-k{config.cv.folds}-{stratify}-s{config.cv.seed}.json"
+    cache = FeatureCache(config.data.cache_dir)
+    split = load_or_make_split(cache.local_copy(relative), manifest, config.cv.folds, **settings)
+    cache.publish(relative)  # nothing to do for a local cache; one small upload for a URI
+    return split
 
 
 def make_plan(config: TrainConfig, data: PreparedData, variant: str) -> dict[str, Any]:
     """The JSON a worker receives: config with the variant applied, features, labels, folds."""
     return {"config": to_dict(config.variant(variant)), "variant": variant,
-            "cache_dir": str(Path(config.data.cache_dir).resolve()), "feature_set": to_dict(data.feature_set),
+            "cache_dir": storage.absolute(config.data.cache_dir), "feature_set": to_dict(data.feature_set),
             "label_maps": data.label_maps.to_json(), "labels": data.labels, "fold_of": data.split.fold_of,
             "folds": list(range(data.split.k))}
 
