@@ -655,9 +655,6 @@ def _fit(sweep: SweepConfig, setup: TrialSetup, folder: SweepFolder, driver_expe
             trainable,
             tune_config=tune.TuneConfig(search_alg=_searcher(sweep), scheduler=_scheduler(sweep),
                                         num_samples=sweep.trials, max_concurrent_trials=concurrency,
-                                        # A finished trial's actor runs the next one: no new
-                                        # process, imports and loaded features kept (~3 s a trial).
-                                        reuse_actors=True,
                                         trial_name_creator=lambda trial: trial_run_name(trial.trial_id),
                                         trial_dirname_creator=lambda trial: trial_run_name(trial.trial_id)),
             run_config=tune.RunConfig(name=storage.name_of(folder.tune), storage_path=folder.root,
