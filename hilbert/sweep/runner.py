@@ -83,9 +83,10 @@ class SweepInterrupted(KeyboardInterrupt):
 
 @dataclass(frozen=True)
 class SweepFolder:
-    """``<sweeps dir>/<name>/``: ``sweep.json`` and Tune's state (``tune/``: the Optuna study,
-    trial results, one-worker trials' checkpoints), and the DDP trials' Train runs (``train/``).
-    A local path, or a URI (``s3://bucket/sweeps/NAME``) that every node of a cluster reaches."""
+    """``<sweeps dir>/<name>/``: ``sweep.json``, Tune's state (``tune/``: the Optuna study, trial
+    results) and the trials' epoch checkpoints (``train/<trial_id>/``: one-worker trials'
+    :class:`TrialCheckpoints`, DDP trials' Train runs). A local path, or a URI
+    (``s3://bucket/sweeps/NAME``) that every node of a cluster reaches."""
 
     root: str
 
