@@ -138,13 +138,25 @@ def start_cluster(temp_dir: Path, logs: Path, stack: ExitStack) -> Cluster:
     stack.callback(kill_session, head.pid)
     nodes = wait_for(lambda: alive_nodes(env, dashboard), 90, "the head node")
     head_node_id = nodes[0]["node_id"]
-    second = start_ray_node(
-        [sys.executable, str(REPOSITORY / "tests" / "loopback_ray_node.py"), "start",
-         f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-         *node_ports()], env, logs / "second.log")
-    stack.callback(kill_session, second.pid)
-    nodes = wait_for(lambda: (lambda n: n if len(n) == 2 else None)(alive_nodes(env, dashboard)), 90,
-                     "the second node to join")
+    # `ray start` gives a node 30 s (fixed in Ray) to register; on 2 busy cores a raylet can take
+    # longer, and the command then exits: start it again rather than fail the test.
+    for attempt in range(3):
+        second = start_ray_node(
+            [sys.executable, str(REPOSITORY / "tests" / "loopback_ray_node.py"), "start",
+             f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
+             *node_ports()], env, logs / f"second-{attempt}.log")
+        stack.callback(kill_session, second.pid)
+
+        def joined_or_gave_up():
+            nodes = alive_nodes(env, dashboard)
+            return nodes if len(nodes) == 2 else ("gave up" if second.poll() is not None else None)
+
+        nodes = wait_for(joined_or_gave_up, 120, "the second node to join")
+        if nodes != "gave up":
+            break
+        kill_session(second.pid)
+    else:
+        raise AssertionError("the second node did not start in 3 attempts: see " + str(logs))
     second_node_id = next(n["node_id"] for n in nodes if n["node_id"] != head_node_id)
     return Cluster(env, f"127.0.0.1:{gcs_port}", dashboard, head, second, second_node_id, head_node_id, logs)
 
@@ -250,9 +262,11 @@ def test_a_sweep_submitted_to_two_nodes_survives_losing_one(tmp_path: Path):
 
         # Ray's State API: trials ran on both nodes, and the second node is gone.
         nodes = {node["node_id"]: node["state"] for node in cluster.listed("nodes")}
-        assert nodes == {cluster.head_node_id: "ALIVE", cluster.second_node_id: "DEAD"}, nodes
+        alive = {node for node, state in nodes.items() if state == "ALIVE"}
+        assert alive == {cluster.head_node_id} and nodes[cluster.second_node_id] == "DEAD", nodes
         trial_actors = cluster.listed("actors", "class_name=ImplicitFunc")  # Tune's function-trial actors
-        assert {actor["node_id"] for actor in trial_actors} == set(nodes), trial_actors
+        assert {actor["node_id"] for actor in trial_actors} == {cluster.head_node_id, cluster.second_node_id}, \
+            trial_actors
 
         parent_id, runs = trial_runs(client)
         assert parent_id and client.get_run(parent_id).info.status == FINISHED
