@@ -48,43 +48,26 @@ def _filesystem(location: str):
     return pyarrow.fs.FileSystem.from_uri(location)
 
 
-def read_text(location: str) -> str:
-    """The text of a file; FileNotFoundError when there is none."""
-    if not is_uri(location):
-        return Path(location).read_text(encoding="utf-8")
-    fs, path = _filesystem(location)
-    import pyarrow.fs
+def _file(location: str) -> tuple["Folder", str]:
+    return Folder(parent_of(location)), name_of(location)
 
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        raise FileNotFoundError(location)
-    with fs.open_input_stream(path) as stream:
-        return stream.read().decode("utf-8")
+
+def read_text(location: str) -> str:
+    """The text of a file (a path or a URI); FileNotFoundError when there is none."""
+    folder, name = _file(location)
+    return folder.read_bytes(name).decode("utf-8")
 
 
 def write_text(location: str, text: str) -> None:
-    """Write a whole file, never half: a local file is written beside and renamed over; an object
-    store's single upload is already all-or-nothing."""
-    data = text.encode("utf-8")
-    if not is_uri(location):
-        target = Path(location)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        partial.write_bytes(data)
-        os.replace(partial, target)
-        return
-    fs, path = _filesystem(location)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
+    """Write a whole file, never half (see :meth:`Folder.write_bytes`)."""
+    folder, name = _file(location)
+    folder.write_bytes(name, text.encode("utf-8"))
 
 
 def exists(location: str) -> bool:
-    if not is_uri(location):
-        return Path(location).exists()
-    import pyarrow.fs
-
-    fs, path = _filesystem(location)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    """Whether a file is there."""
+    folder, name = _file(location)
+    return folder.exists(name)
 
 
 def shown(location: str) -> str:

@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,18 +33,13 @@ from mlflow import MlflowClient
 from hilbert.data.demo import write_demo_corpus
 from hilbert.sweep.tracking import FINISHED, PARENT_TAG, ROLE_TAG, RUNNING, TRIAL_ID_TAG
 from test_extract import kill_session
-from test_sweep import REPOSITORY, HILBERT, assert_challenger_is, best_finished, objective_history, write_sweep
+from test_sweep import (REPOSITORY, HILBERT, assert_challenger_is, best_finished, free_port, objective_history,
+                        write_sweep)
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 EPOCHS = 8
 TRIALS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass

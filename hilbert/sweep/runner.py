@@ -278,26 +278,18 @@ def _train_in_trial(plan: dict[str, Any], config: TrainConfig, checkpoints: str,
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
     use_gpu = config.scaling.use_gpu and torch.cuda.is_available()
     stored = TrialCheckpoints(checkpoints)
-    last: dict[str, Path] = {}  # the latest checkpoint, kept on this node too for the final models
-    scratch = destination.parent / "checkpoints"
 
     def report(metrics: dict[str, Any], folder: Path | None) -> None:
         if folder is not None:
             stored.save(folder, int(metrics["epoch"]))
-            keep = scratch / folder.name
-            shutil.rmtree(scratch, ignore_errors=True)
-            shutil.copytree(folder, keep)
-            last["checkpoint"] = keep
         tune.report(metrics)
 
-    restored = stored.restore(destination.parent / "restored")
-    if restored is not None:
-        last["checkpoint"] = restored
     train_folds(plan, WorkerContext(device=torch.device("cuda" if use_gpu else "cpu"), report=report,
-                                    resume_from=restored))
-    if "checkpoint" not in last:
+                                    resume_from=stored.restore(destination.parent / "restored")))
+    final = stored.restore(destination.parent / "final")  # the last epoch's (or the restored one)
+    if final is None:
         raise RuntimeError(f"training wrote no checkpoint under {storage.shown(checkpoints)}")
-    return fold_models_from_checkpoint(last["checkpoint"], destination)
+    return fold_models_from_checkpoint(final, destination)
 
 
 def _report_if_already_finished(setup: TrialSetup, trial_id: str) -> bool:
