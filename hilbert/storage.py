@@ -9,6 +9,7 @@ hilbert can too (credentials and options such as ``?endpoint_override=`` as pyar
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -148,6 +149,20 @@ class Folder:
         fs.create_dir(path, recursive=True)
         pyarrow.fs.copy_files(str(Path(local_dir).resolve()), path, source_filesystem=pyarrow.fs.LocalFileSystem(),
                               destination_filesystem=fs)
+
+    def move_in(self, local_dir: str | Path, relative: str) -> None:
+        """Move a local folder to ``relative``: a rename when both are on the same local file
+        system (no bytes copied), else :meth:`upload` and delete the local folder."""
+        fs, path = self._locate(relative)
+        if fs.type_name == "local":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(local_dir, path)
+                return
+            except OSError:  # another device (or the target exists): copy instead
+                pass
+        self.upload(local_dir, relative)
+        shutil.rmtree(local_dir, ignore_errors=True)
 
     def download(self, relative: str, local_dir: str | Path) -> Path:
         """Copy the files below ``relative`` into a local folder; returns it."""

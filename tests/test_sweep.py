@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -266,6 +266,46 @@ def test_a_failing_trial_ends_failed_and_the_sweep_goes_on(local_ray, corpus: Pa
 
 
 # ---------------------------------------------------------------------------------------------
+# 2b. One-worker trials run one after another in the same Tune actor, also after ASHA stops one
+
+
+def test_one_worker_trials_reuse_their_actor_after_a_scheduler_stop(local_ray, corpus: Path, shared_cache: Path,
+                                                                    tmp_path: Path, caplog):
+    # Random learning rates from 1e-5 to 3e-2: with this seed the later trials include one that
+    # ASHA stops at its first rung (the training is seeded, so this is the same on every run).
+    sweep_file = write_sweep(
+        tmp_path, corpus, name="reused", trials=4, cache=shared_cache, workers=1,
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        searcher={"type": "random", "seed": 3},
+        search={"optimization.learning_rate": {"type": "loguniform", "low": 0.00001, "high": 0.03}})
+    uri = store(tmp_path)
+    with caplog.at_level("ERROR"):
+        result = run_sweep(sweep_file, name="reused", tracking_uri=uri, log=lambda line: None)
+    # Tune resets a finished trial's actor for the next trial; had the reset failed (a trial
+    # thread still running), the next trial would have errored.
+    assert not [r for r in caplog.records if "re-use actor" in r.getMessage()], caplog.text
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    runs = children(client, result.experiment.experiment_id, result.parent_run_id)
+    statuses = [run.info.status for run in runs]
+    assert len(runs) == 4 and set(statuses) == {FINISHED, KILLED}, statuses
+    stopped = statuses.index(KILLED)
+    assert stopped < 3, f"no trial ran after the stopped one: {statuses}"
+    assert runs[stopped].data.tags.get("stopped_by") == "asha"
+    processes = {run.data.tags["ray.pid"] for run in runs}
+    assert len(processes) == 1, processes  # one trial at a time: every trial in the first one's actor
+    for run in runs:  # a reused actor starts each trial afresh: its own epochs, its own model
+        steps = [step for step, _ in objective_history(client, run.info.run_id)]
+        if run.info.status == KILLED:
+            assert steps and len(steps) < EPOCHS and "model" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+        else:
+            assert steps == list(range(EPOCHS)), (run.info.run_name, steps)
+            assert {f"model/fold_{fold}/model.safetensors" for fold in range(FOLDS)} <= artifact_paths(
+                client, run.info.run_id)
+    assert_challenger_is(client, result.model_name, best_finished(runs))
+
+
+# ---------------------------------------------------------------------------------------------
 # 3. The driver is SIGKILLed mid-sweep; `hilbert sweep --resume` finishes it
 
 
@@ -312,10 +352,12 @@ def test_a_killed_sweep_resumes_keeping_finished_trials(corpus: Path, shared_cac
     uri = store(tmp_path)
     command = [HILBERT, "sweep", str(sweep_file), "--tracking-uri", uri]
     env = subprocess_env()
+    tune_state = local_tune_state(tmp_path / "runs" / "sweeps" / "killed" / "tune")
     if storage == "object store":  # Tune's state, the checkpoints and sweep.json all in S3
         sweeps_uri, credentials, bucket = request.getfixturevalue("object_store")
         command += ["--sweeps-dir", sweeps_uri]
         env.update(credentials)
+        tune_state = stored_tune_state(bucket, "sweeps-bucket/sweeps/killed/tune")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.search_experiments()  # creates the store's tables now, not in a race with the driver
 
@@ -325,7 +367,7 @@ def test_a_killed_sweep_resumes_keeping_finished_trials(corpus: Path, shared_cac
                                   start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
         parent_id = wait_for_a_finished_and_a_training_trial(client, "exp-killed", driver, tmp_path / "first.log",
-                                                             timeout=240)
+                                                             tune_state, timeout=240)
     finally:
         kill_session(driver.pid)  # the driver and every Ray process it started
         driver.wait()
@@ -376,10 +418,34 @@ def test_a_killed_sweep_resumes_keeping_finished_trials(corpus: Path, shared_cac
         assert not (tmp_path / "runs" / "sweeps").exists()  # nothing of the sweep on local disk
 
 
+def local_tune_state(folder: Path) -> Callable[[], str]:
+    """The text of Tune's saved experiment state files in a local folder."""
+    return lambda: "".join(path.read_text(errors="replace") for path in folder.glob("experiment_state*.json"))
+
+
+def stored_tune_state(bucket, folder: str) -> Callable[[], str]:
+    """The text of Tune's saved experiment state files in an object store folder."""
+    import pyarrow.fs
+
+    def read() -> str:
+        infos = bucket.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+        texts = []
+        for info in infos:
+            if info.base_name.startswith("experiment_state") and info.base_name.endswith(".json"):
+                with bucket.open_input_stream(info.path) as stream:
+                    texts.append(stream.read().decode(errors="replace"))
+        return "".join(texts)
+    return read
+
+
 def wait_for_a_finished_and_a_training_trial(client: MlflowClient, experiment: str, driver: subprocess.Popen,
-                                             log: Path, timeout: float) -> str:
-    """Poll until one trial run is FINISHED and another RUNNING one has logged an epoch; returns
-    the sweep's parent run id.
+                                             log: Path, tune_state: Callable[[], str], timeout: float) -> str:
+    """Poll until one trial run is FINISHED and another RUNNING one has logged an epoch and is
+    in Tune's saved experiment state; returns the sweep's parent run id.
+
+    Tune saves its state every 2 s: a trial that started after the last save is unknown to the
+    resumed Tune, which proposes another in its place (the lost trial's run ends KILLED when
+    the resumed sweep ends). Waiting for the save makes this test the resume of a known trial.
 
     The kill may land before Tune's saved state knows the finished trial ended; the resumed
     sweep must then take its result from MLflow instead of training it again, which the test's
@@ -398,6 +464,9 @@ def wait_for_a_finished_and_a_training_trial(client: MlflowClient, experiment: s
             finished = {r.data.tags[TRIAL_ID_TAG] for r in runs if r.info.status == FINISHED}
             training = {r.data.tags[TRIAL_ID_TAG] for r in runs if r.info.status == RUNNING
                         and client.get_metric_history(r.info.run_id, "objective")}
+            if training:
+                saved = tune_state()
+                training = {trial_id for trial_id in training if trial_id in saved}
             seen = {"finished in MLflow": finished, "training": training}
             if finished and training:
                 return parents[0].info.run_id

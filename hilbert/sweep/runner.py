@@ -10,8 +10,9 @@ Who runs where:
 - a **trial** (:func:`hilbert_trial`, a Tune function trainable) opens its child run, builds a
   ``TorchTrainer`` whose workers train every fold in lockstep and report one result per epoch
   through ``TuneReportCallback`` (a one-worker trial runs the same loop in its own actor instead:
-  no DDP to set up, and ~11 s a trial less), then logs the fold table, figures and the model
-  (safetensors + JSON) to its run.
+  no DDP to set up, and ~11 s a trial less; and Tune hands that actor the next trial, so its
+  imports, MLflow store and features are paid once per actor, not per trial), then logs the fold
+  table, figures and the model (safetensors + JSON) to its run.
 
 Resources: a DDP trial asks Tune for no CPU (only a token of memory, since Tune refuses an empty
 bundle); its Train workers ask for ``workers_per_trial x cpus_per_worker``. A trial that also
@@ -224,17 +225,19 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
 
 
 def _node_tags() -> dict[str, str]:
-    """Where this attempt of the trial runs (its Tune actor's node): a trial retried after its
-    node died shows the node it finished on."""
+    """Where this attempt of the trial runs (its Tune actor's node and process): a trial retried
+    after its node died shows the node it finished on."""
     import ray
 
-    return {"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": ray.util.get_node_ip_address()}
+    return {"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": ray.util.get_node_ip_address(),
+            "ray.pid": str(os.getpid())}
 
 
 class TrialCheckpoints:
     """A one-worker trial's epoch checkpoints in ``<sweep>/train/<trial_id>`` (a path or a URI).
 
-    Each checkpoint is copied there whole, then ``latest`` (one small file, written in one piece)
+    Each checkpoint is moved (or on another file system, copied) there whole, then ``latest``
+    (one small file, written in one piece)
     names it, then older ones are deleted: a reader finds the previous checkpoint or the new one,
     never half of one, on a file system or an object store, whatever moment the writer's process
     or node died. This does not depend on Tune's saved state, which may be seconds older than the
@@ -248,7 +251,7 @@ class TrialCheckpoints:
 
     def save(self, local: Path, epoch: int) -> None:
         name = f"checkpoint_{epoch:06d}"
-        self.folder.upload(local, name)
+        self.folder.move_in(local, name)  # the loop's temporary checkpoint: no need to copy it
         self.folder.write_bytes(self.LATEST, name.encode("utf-8"))
         for older in self.folder.folders():
             if older.startswith("checkpoint_") and older != name:
@@ -648,6 +651,7 @@ def _fit(sweep: SweepConfig, setup: TrialSetup, folder: SweepFolder, driver_expe
             trainable,
             tune_config=tune.TuneConfig(search_alg=_searcher(sweep), scheduler=_scheduler(sweep),
                                         num_samples=sweep.trials, max_concurrent_trials=concurrency,
+                                        reuse_actors=_reuses_actors(sweep),
                                         trial_name_creator=lambda trial: trial_run_name(trial.trial_id),
                                         trial_dirname_creator=lambda trial: trial_run_name(trial.trial_id)),
             run_config=tune.RunConfig(name=storage.name_of(folder.tune), storage_path=folder.root,
@@ -663,6 +667,16 @@ def _fit(sweep: SweepConfig, setup: TrialSetup, folder: SweepFolder, driver_expe
         raise SweepInterrupted(f"sweep {folder.name!r} stopped with {ended} of {sweep.trials} trials ended; "
                                f"continue it with: hilbert sweep --resume {folder.name} "
                                f"--sweeps-dir {shlex.quote(folder.parent)}")
+
+
+def _reuses_actors(sweep: SweepConfig) -> bool:
+    """Whether a finished trial's actor runs the next trial. A one-worker trial trains in its
+    actor, and a fresh actor costs a process start, imports (torch, MLflow, matplotlib), the
+    MLflow store's set-up and reading the features: ~5 s a trial on 2 cores (docs/benchmarks.md).
+    Not for DDP trials: their actor waits in ``trainer.fit()``, and a trial stopped by the
+    scheduler does not end within the 2 s Tune gives before it resets an actor for the next one
+    (Tune then logs an error and starts a new actor anyway)."""
+    return sweep.resources.workers_per_trial == 1
 
 
 def _trial_resources(sweep: SweepConfig) -> dict[str, float]:

@@ -473,7 +473,9 @@ class TrialTracker(_TrackedRun):
         paths = []
         for name, figure in figures.items():
             path = f"{folder}/{metric_key(name).replace('/', '_')}.png"
-            self.experiment.client.log_figure(self.run_id, figure, path, save_kwargs={"dpi": 110, "bbox_inches": "tight"})
+            # No bbox_inches="tight": the figures' constrained layout already keeps every label
+            # on the canvas, and "tight" draws each figure twice (~0.2 s a trial).
+            self.experiment.client.log_figure(self.run_id, figure, path, save_kwargs={"dpi": 100})
             paths.append(path)
         return paths
 

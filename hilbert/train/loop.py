@@ -30,7 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from hilbert.config import from_dict, to_dict
-from hilbert.features.batches import DocumentFeatures, LabelMaps, collate_documents, segment_statistics
+from hilbert.features.batches import (DocumentFeatures, LabelMaps, collate_documents, segment_statistics,
+                                      shared_documents)
 from hilbert.features.cache import FeatureCache, FeatureSet
 from hilbert.losses import HilbertObjective, info_nce, linear_cka
 from hilbert.metrics import classification_metrics, recall_at_k
@@ -138,8 +139,7 @@ def train_folds(plan_json: dict[str, Any], context: WorkerContext | None = None)
     optimization = plan.config.optimization
     _seed_everything(optimization.seed)
     cache = FeatureCache(plan.cache_dir)
-    loaded: dict = {}  # each document read once for all folds
-    runs = [_build_fold(plan, cache, fold, context, loaded) for fold in plan.folds]
+    runs = [_build_fold(plan, cache, fold, context) for fold in plan.folds]
     start_epoch = _resume(runs, context.resume_from) if context.resume_from else 0
     for epoch in range(start_epoch, optimization.epochs):
         active = [run for run in runs if not run.done]
@@ -172,19 +172,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def fold_dataset(plan: Plan, cache: FeatureCache, fold: int, *, validation: bool,
-                 loaded: dict | None = None) -> DocumentFeatures:
-    """The training (or validation) documents of ``fold``, as the loop trains (or scores) them."""
+def fold_dataset(plan: Plan, cache: FeatureCache, fold: int, *, validation: bool) -> DocumentFeatures:
+    """The training (or validation) documents of ``fold``, as the loop trains (or scores) them.
+    Every fold, and every later trial in this process, reads a document only once."""
     ids = [d for d, f in plan.fold_of.items() if (f == fold) == validation]
-    return DocumentFeatures(cache, plan.feature_set, ids, [plan.labels[d] for d in ids], plan.config.data.max_segments,
-                            loaded)
+    max_segments = plan.config.data.max_segments
+    return DocumentFeatures(cache, plan.feature_set, ids, [plan.labels[d] for d in ids], max_segments,
+                            shared_documents(cache, plan.feature_set, max_segments))
 
 
-def _build_fold(plan: Plan, cache: FeatureCache, fold: int, context: WorkerContext,
-                loaded: dict | None = None) -> FoldRun:
+def _build_fold(plan: Plan, cache: FeatureCache, fold: int, context: WorkerContext) -> FoldRun:
     config = plan.config
-    train_set = fold_dataset(plan, cache, fold, validation=False, loaded=loaded)
-    validation = fold_dataset(plan, cache, fold, validation=True, loaded=loaded)
+    train_set = fold_dataset(plan, cache, fold, validation=False)
+    validation = fold_dataset(plan, cache, fold, validation=True)
     # At least 2 documents a rank and 4 in the global batch: unbiased CKA needs n >= 4.
     per_worker = max(2, -(-4 // context.world_size), config.optimization.batch_size // context.world_size)
     sampler = DistributedSampler(train_set, num_replicas=context.world_size, rank=context.rank, shuffle=True,
