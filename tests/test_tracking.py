@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from hilbert.sweep import plots
 from hilbert.sweep.tracking import (
-    Experiment, SweepTracker, TrialTracker, close_unfinished_runs, end_trial, leaderboard, resolve_tracking_uri,
+    LOST_TAG, Experiment, SweepTracker, TrialTracker, close_unfinished_runs, end_trial, leaderboard, resolve_tracking_uri,
     ui_command,
 )
 
@@ -187,6 +187,9 @@ def test_close_unfinished_runs_ends_stragglers_and_a_resumed_trial_reuses_its_ru
     assert experiment.client.get_run(sweep.run_id).info.status == "KILLED"
     assert {r["trial_id"]: r["status"] for r in leaderboard(experiment, sweep.run_id)} == \
         {"lost": "KILLED", "done": "FINISHED"}
+    tags = {r.data.tags["trial_id"]: r.data.tags for r in experiment.client.search_runs([experiment.experiment_id])
+            if "trial_id" in r.data.tags}
+    assert "no process was left running" in tags["lost"][LOST_TAG] and LOST_TAG not in tags["done"]
 
     resumed = SweepTracker.attach(experiment, sweep.run_id)
     assert experiment.client.get_run(sweep.run_id).info.status == "RUNNING"
@@ -195,6 +198,7 @@ def test_close_unfinished_runs_ends_stragglers_and_a_resumed_trial_reuses_its_ru
     assert trial.run_id == lost.run_id
     run = experiment.client.get_run(lost.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["attempts"] == "2" and run.data.params["extra"] == "1"
+    assert LOST_TAG not in run.data.tags
     straggler = resumed.trial("straggler")
     straggler.start()
     assert end_trial(experiment, sweep.run_id, "straggler", stopped_by="asha")

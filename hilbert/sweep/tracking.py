@@ -60,6 +60,7 @@ ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
 TRIAL_ID_TAG = "trial_id"
 ROLE_TAG = "hilbert.role"  # "sweep" or "trial": lets queries tell the two apart
+LOST_TAG = "lost"  # set on a trial run that the sweep, not the trial, had to end
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 PACKAGES = ("hilbert", "torch", "ray", "mlflow", "optuna")
 
@@ -441,6 +442,8 @@ class TrialTracker(_TrackedRun):
             client.set_tag(self.run_id, "attempts", str(int(existing.data.tags.get("attempts", "1")) + 1))
             for key, value in self.tags.items():  # this attempt's (where it runs, say), not the last one's
                 client.set_tag(self.run_id, key, value)
+            if LOST_TAG in existing.data.tags:  # running again after all
+                client.delete_tag(self.run_id, LOST_TAG)
             logged = existing.data.params
         self._ended = False
         self._log_new_params(flatten_params(self.params), logged)
@@ -605,6 +608,11 @@ def close_unfinished_runs(experiment: Experiment, parent_run_id: str, status: st
     driver or trial process left behind. Returns how many runs were ended."""
     client = experiment.client
     stragglers = [run.info.run_id for run in child_runs(experiment, parent_run_id, f"attributes.status = '{RUNNING}'")]
+    for run_id in stragglers:
+        # Say why, in the run: a trial whose process died with a killed driver or node, or one
+        # that started in the seconds before a killed driver's Tune saved its state (the resumed
+        # Tune does not know it and proposes another trial in its place).
+        client.set_tag(run_id, LOST_TAG, "no process was left running this trial when its sweep ended")
     if include_parent and client.get_run(parent_run_id).info.status == RUNNING:
         stragglers.append(parent_run_id)
     for run_id in stragglers:
