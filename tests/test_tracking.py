@@ -247,3 +247,24 @@ def test_every_figure_renders_to_png_and_tolerates_an_absent_class(tmp_path: Pat
     assert "c: absent" in legend
     matrix = plots.cka_between(embeddings)
     assert matrix.shape == (3, 3) and np.allclose(np.diag(matrix), 1) and np.allclose(matrix, matrix.T)
+
+
+def test_the_sweep_logs_an_epoch_a_resumed_trial_repeats_only_when_it_is_missing(experiment: Experiment):
+    from types import SimpleNamespace
+
+    from hilbert.sweep.runner import TrialRunsCallback
+    from hilbert.train.loop import REPEATED_REPORT
+
+    sweep = start_sweep(experiment)
+    run = sweep.trial("t1")
+    run.start()
+    callback = TrialRunsCallback(experiment, sweep.run_id, "asha", print_line=None)
+    trial = SimpleNamespace(trial_id="t1")
+    callback.on_trial_result(0, [], trial, {"epoch": 0, "objective": 0.6})
+    # The driver died after epoch 1 was checkpointed, before it logged it; on resume the trial
+    # repeats its restored epoch: once when it is missing (1), not again when it is there (0).
+    callback.on_trial_result(0, [], trial, {"epoch": 1, "objective": 0.7, REPEATED_REPORT: True})
+    callback.on_trial_result(0, [], trial, {"epoch": 1, "objective": 0.7, REPEATED_REPORT: True})
+    callback.on_trial_result(0, [], trial, {"epoch": 0, "objective": 0.6, REPEATED_REPORT: True})
+    history = sorted((m.step, m.value) for m in experiment.client.get_metric_history(run.run_id, "objective"))
+    assert history == [(0, 0.6), (1, 0.7)]

@@ -329,6 +329,13 @@ def _unflatten_keys(sampled: dict[str, Any]) -> dict[str, Any]:
 # The driver's view of trials: MLflow runs and a line per finished trial
 
 
+def _print_line(line: str) -> None:
+    """The callback's default output. Not ``print`` itself: Tune pickles the callback with its
+    state, and a process where Ray Train has run replaces ``builtins.print``, which then no longer
+    pickles by reference."""
+    print(line, flush=True)
+
+
 class TrialRunsCallback(Callback):
     """Per-epoch metrics into each trial's run, and the end state the trial could not write.
 
@@ -338,7 +345,7 @@ class TrialRunsCallback(Callback):
     """
 
     def __init__(self, experiment: Experiment, parent_run_id: str, scheduler: str,
-                 print_line: Callable[[str], None] | None = print):
+                 print_line: Callable[[str], None] | None = _print_line):
         self.experiment = experiment
         self.parent_run_id = parent_run_id
         self.scheduler = scheduler
@@ -367,15 +374,25 @@ class TrialRunsCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         trial_id = trial.trial_id
         run_id = self._run_id(trial_id)
-        if run_id is not None and not result.get(RESTORED):
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if run_id is not None and not result.get(RESTORED) and not self._already_logged(run_id, step, result):
             metrics = {k: v for k, v in result.items() if k in _REPORTED or k.startswith(_REPORTED_PREFIXES)}
-            log_step(self.experiment, run_id, metrics, step=int(result.get("epoch", result.get("training_iteration", 0))))
+            log_step(self.experiment, run_id, metrics, step=step)
         value = result.get(OBJECTIVE)
         if isinstance(value, (int, float)) and math.isfinite(value) and (self._best is None or value > self._best[0]):
             self._best = (float(value), trial_id)
         if result.get("done"):
             self._stopped.add(trial_id)
             end_trial(self.experiment, self.parent_run_id, trial_id, KILLED, stopped_by=self.scheduler)
+
+    def _already_logged(self, run_id: str, step: int, result: dict[str, Any]) -> bool:
+        """A resumed trial repeats the report of the epoch it restored (the driver that should
+        have logged it may have died first): log it once."""
+        from hilbert.train.loop import REPEATED_REPORT
+
+        if not result.get(REPEATED_REPORT):
+            return False
+        return any(m.step == step for m in self.experiment.client.get_metric_history(run_id, OBJECTIVE))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         stopped = trial.trial_id in self._stopped
@@ -646,7 +663,7 @@ def _fit(sweep: SweepConfig, setup: TrialSetup, folder: SweepFolder, driver_expe
         log(f"resuming: finished trials are kept{', failed ones run again' if retry_failed else ''}")
         tuner = tune.Tuner.restore(folder.tune, trainable, resume_unfinished=True, resume_errored=retry_failed)
     else:
-        callback = TrialRunsCallback(driver_experiment, setup.parent_run_id, sweep.scheduler.type)  # prints with print(): it is pickled with the Tuner
+        callback = TrialRunsCallback(driver_experiment, setup.parent_run_id, sweep.scheduler.type)  # pickled with the Tuner
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=_searcher(sweep), scheduler=_scheduler(sweep),

@@ -40,6 +40,9 @@ from hilbert.train.checkpoint import CheckpointInfo, load_training_state, save_c
 from hilbert.train.config import TrainConfig
 
 STATE_FILE = "state.json"
+# Set on a report that repeats the epoch a resumed run restored (see train_folds): a sweep logs
+# it only if the epoch is missing from the trial's run, and schedulers see it again harmlessly.
+REPEATED_REPORT = "repeated_after_resume"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +143,13 @@ def train_folds(plan_json: dict[str, Any], context: WorkerContext | None = None)
     _seed_everything(optimization.seed)
     cache = FeatureCache(plan.cache_dir)
     runs = [_build_fold(plan, cache, fold, context) for fold in plan.folds]
-    start_epoch = _resume(runs, context.resume_from) if context.resume_from else 0
+    start_epoch = 0
+    if context.resume_from:
+        start_epoch, restored_report = _resume(runs, context.resume_from)
+        if restored_report is not None:
+            # The checkpoint was persisted before its report was consumed: whoever consumed it
+            # (a sweep's driver logging to MLflow) may have died in between. Say it again.
+            context.report({**restored_report, REPEATED_REPORT: True}, None)
     for epoch in range(start_epoch, optimization.epochs):
         active = [run for run in runs if not run.done]
         if not active:
@@ -156,11 +165,12 @@ def train_folds(plan_json: dict[str, Any], context: WorkerContext | None = None)
             run.last_validation = evaluate(run.core, run.validation, plan.label_maps, context.device)
             _update_early_stopping(run, epoch, plan.config, context)
             timings["validation_seconds"] += time.perf_counter() - started
-        started = time.perf_counter()
-        checkpoint = _write_checkpoint(runs, plan, epoch, context) if context.rank == 0 else None
-        timings["checkpoint_seconds"] = time.perf_counter() - started
         timings["train_documents_per_second"] = timings["train_documents"] / max(timings["train_seconds"], 1e-9)
-        context.report({**_epoch_metrics(runs, epoch), **{f"time/{k}": v for k, v in timings.items()}}, checkpoint)
+        report = {**_epoch_metrics(runs, epoch), **{f"time/{k}": v for k, v in timings.items()}}
+        started = time.perf_counter()
+        checkpoint = _write_checkpoint(runs, plan, epoch, context, report) if context.rank == 0 else None
+        report["time/checkpoint_seconds"] = time.perf_counter() - started
+        context.report(report, checkpoint)
         if checkpoint is not None:  # persisted (copied) by the report; the temporary folder goes
             shutil.rmtree(checkpoint, ignore_errors=True)
     return {run.fold: run.best_metrics for run in runs}
@@ -372,7 +382,10 @@ def _epoch_metrics(runs: list[FoldRun], epoch: int) -> dict[str, Any]:
 # Checkpoints: all folds, every epoch (rank 0 writes; Ray Train persists it)
 
 
-def _write_checkpoint(runs: list[FoldRun], plan: Plan, epoch: int, context: WorkerContext) -> Path:
+def _write_checkpoint(runs: list[FoldRun], plan: Plan, epoch: int, context: WorkerContext,
+                      report: dict[str, Any]) -> Path:
+    """All folds (weights, optimiser, scheduler, early stopping, best models) and ``report``, the
+    epoch's metrics, which a resumed run reports again."""
     folder = Path(tempfile.mkdtemp(prefix="hilbert-ckpt-"))
     for run in runs:
         info = CheckpointInfo(model=run.core.config, label_maps=plan.label_maps,
@@ -389,7 +402,7 @@ def _write_checkpoint(runs: list[FoldRun], plan: Plan, epoch: int, context: Work
             save_checkpoint(folder / f"fold_{run.fold}_best", best_model, best_info)
     state = {"epoch": epoch, "variant": plan.variant, "folds": [run.early_stopping_state() for run in runs],
              # Dropout draws continue where they stopped, so a resumed run equals an uninterrupted one.
-             "torch_rng": torch.get_rng_state().tolist()}
+             "torch_rng": torch.get_rng_state().tolist(), "report": report}
     (folder / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
     return folder
 
@@ -404,8 +417,9 @@ def _objective_state(objective: HilbertObjective) -> dict[str, list[float]]:
     return {name: tensor.detach().cpu().flatten().tolist() for name, tensor in objective.state_dict().items()}
 
 
-def _resume(runs: list[FoldRun], folder: Path) -> int:
-    """Restore every fold from a checkpoint written by :func:`_write_checkpoint`; next epoch."""
+def _resume(runs: list[FoldRun], folder: Path) -> tuple[int, dict[str, Any] | None]:
+    """Restore every fold from a checkpoint written by :func:`_write_checkpoint`; returns the next
+    epoch and the checkpointed epoch's report (None from checkpoints that predate it)."""
     from safetensors.torch import load_file
 
     state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
@@ -421,4 +435,4 @@ def _resume(runs: list[FoldRun], folder: Path) -> int:
         best = folder / f"fold_{run.fold}_best" / "model.safetensors"
         run.best_state = load_file(str(best)) if best.is_file() else None
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-    return int(state["epoch"]) + 1
+    return int(state["epoch"]) + 1, state.get("report")
