@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -13,6 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from hilbert.data.manifest import Manifest, ManifestError, ValidationReport, load_manifest, validate_manifest
+
+# A hilbert model is a few files of megabytes: MLflow's per-download progress bars only break up
+# the command's tables (set the variable to "true" to have them back).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 app = typer.Typer(
     name="hilbert",
