@@ -1,7 +1,7 @@
 """What the sweep orchestration costs: the same N trials as a plain sequential Optuna loop in one
 process, and through ``hilbert sweep`` (Ray Tune + Ray Train + MLflow), measured in one run.
 
-    python benchmarks/sweep.py [--trials 4] [--epochs 8] [--sweep tune/demo.yaml]
+    python benchmarks/sweep.py [--trials 10] [--epochs 8] [--sweep tune/demo.yaml] [--modes loop,ddp,concurrent]
 
 Run from the repository root after `hilbert demo` (it uses the demo corpus and its feature
 cache). Every mode samples the same configurations (Optuna's random sampler, same seed, no
@@ -103,6 +103,8 @@ def through_hilbert_sweep(path: Path, label: str, slots: int) -> dict[str, float
     training, objectives, parts, spans = [], [], [], []
     client = result.experiment.client
     seen_processes: set[str] = set()
+    last_end: dict[str, float] = {}  # actor process -> when its latest trial ended
+    added: list[float] = []  # what a trial on a reused actor adds: hand-over gap + its own overhead
     for run in sorted(child_runs(result.experiment, result.parent_run_id), key=lambda run: run.info.start_time):
         histories = [client.get_metric_history(run.info.run_id, part) for part in EPOCH_PARTS]
         training.append(sum(m.value for history in histories for m in history))
@@ -110,12 +112,16 @@ def through_hilbert_sweep(path: Path, label: str, slots: int) -> dict[str, float
         metrics = run.data.metrics
         # Tune's start of the trial: the driver logs the trial's wall time when Tune ends it.
         (tune_wall,) = client.get_metric_history(run.info.run_id, "time/trial_wall_seconds") or [None]
+        process = f"{run.data.tags.get('ray.node_id')}/{run.data.tags.get('ray.pid')}"
         if tune_wall is not None:
-            spans.append((tune_wall.timestamp / 1000 - tune_wall.value, tune_wall.timestamp / 1000))
+            end = tune_wall.timestamp / 1000
+            spans.append((end - tune_wall.value, end))
+            if process in last_end:
+                added.append(end - last_end[process] - training[-1])
+            last_end[process] = end
         wall_trial = metrics.get("time/trial_wall_seconds", math.nan)
         inside = sum(metrics.get(f"time/{k}", math.nan) for k in ("trial_setup_seconds", "fit_seconds",
                                                                    "trial_logging_seconds"))
-        process = f"{run.data.tags.get('ray.node_id')}/{run.data.tags.get('ray.pid')}"
         fresh = process not in seen_processes  # the first trial of its actor process (the rest reuse it)
         seen_processes.add(process)
         parts.append({"fresh": fresh, "before the trial function": wall_trial - inside,
@@ -131,6 +137,8 @@ def through_hilbert_sweep(path: Path, label: str, slots: int) -> dict[str, float
         trials_span = max(end for _, end in spans) - min(begin for begin, _ in spans)
         row["fixed_s"] = wall - ray_start - trials_span
         row["per_trial_s"] = (slots * trials_span - sum(training)) / len(training)
+    if added:
+        row["added_s"] = statistics.fmean(added)
     row["parts"] = {}
     for fresh in (True, False):
         group = [p for p in parts if p["fresh"] == fresh]
@@ -151,7 +159,7 @@ def summary(label: str, wall: float, training: list[float], objectives: list[flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--sweep", type=Path, default=Path("tune/demo.yaml"))
     parser.add_argument("--modes", default="loop,ddp,concurrent", help="comma-separated: loop, ddp, concurrent")
@@ -174,16 +182,18 @@ def main() -> None:
                                              slots=2))
     print(f"\n{arguments.trials} trials x {arguments.epochs} epochs, every fold, {os.cpu_count()} CPU cores")
     header = (f"{'mode':58} {'wall s':>7} {'Ray start s':>11} {'training s':>10} {'overhead/trial s':>16} "
-              f"{'once a sweep s':>14} {'each trial s':>12} {'objective':>9}")
+              f"{'once a sweep s':>14} {'each trial s':>12} {'one more trial s':>16} {'objective':>9}")
     print(header)
     print("-" * len(header))
     for row in rows:
         print(f"{row['mode']:58} {row['wall_s']:7.1f} {row['ray_start_s']:11.1f} {row['training_s']:10.1f} "
               f"{row['overhead_per_trial_s']:16.1f} {row.get('fixed_s', math.nan):14.1f} "
-              f"{row.get('per_trial_s', math.nan):12.1f} {row['mean_objective']:9.4f}")
+              f"{row.get('per_trial_s', math.nan):12.1f} {row.get('added_s', math.nan):16.1f} "
+              f"{row['mean_objective']:9.4f}")
     print("overhead/trial: (slots x (wall - Ray start) - training) / trials, all of the orchestration's cost;\n"
           "once a sweep: wall time before the first trial starts and after the last one ends;\n"
-          "each trial: (slots x (last trial end - first trial start) - training) / trials")
+          "each trial: (slots x (last trial end - first trial start) - training) / trials;\n"
+          "one more trial: a trial on a reused actor, from the previous trial's end to its own, less its training")
     for row in rows:
         for group, mean_parts in row.get("parts", {}).items():
             print(f"\nwhere a trial's time goes, mean over trials on a {group}: {row['mode']}")
