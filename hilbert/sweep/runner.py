@@ -237,10 +237,9 @@ class TrialCheckpoints:
     """A one-worker trial's epoch checkpoints in ``<sweep>/train/<trial_id>`` (a path or a URI).
 
     Each checkpoint is moved (or on another file system, copied) there whole, then ``latest``
-    (one small file, written in one piece)
-    names it, then older ones are deleted: a reader finds the previous checkpoint or the new one,
-    never half of one, on a file system or an object store, whatever moment the writer's process
-    or node died. This does not depend on Tune's saved state, which may be seconds older than the
+    (one small file, written in one piece) names it, then older ones are deleted: a reader finds
+    the previous checkpoint or the new one, never half of one, on a file system or an object
+    store, whatever moment the writer's process or node died. This does not depend on Tune's saved state, which may be seconds older than the
     last epoch when the driver is killed (on an object store, Tune uploads it in the background).
     """
 
@@ -691,8 +690,8 @@ def _reuses_actors(sweep: SweepConfig) -> bool:
     actor, and a fresh actor costs a process start, imports (torch, MLflow, matplotlib), the
     MLflow store's set-up and reading the features: ~5 s a trial on 2 cores (docs/benchmarks.md).
     Not for DDP trials: their actor waits in ``trainer.fit()``, and a trial stopped by the
-    scheduler does not end within the 2 s Tune gives before it resets an actor for the next one
-    (Tune then logs an error and starts a new actor anyway)."""
+    scheduler does not end within the 2 s Tune gives before it resets an actor for the next one,
+    and Tune then fails that next trial (``_AbortTrialExecution``)."""
     return sweep.resources.workers_per_trial == 1
 
 
