@@ -133,7 +133,9 @@ class TrainConfig:
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a training YAML; a relative ``data.manifest``/``cache_dir`` is taken from the YAML's folder."""
+    """Read a training YAML, then apply ``overrides`` (nested like the YAML). Relative paths in it
+    (``data.manifest``, ``data.cache_dir``, ``output_dir``) stay relative to the working directory
+    the command runs from, as tune/train-demo.yaml says; they are not taken from the YAML's folder."""
     config = load_yaml(TrainConfig, path)
     if overrides:
         config = from_dict(TrainConfig, merge_nested(to_dict(config), overrides))
