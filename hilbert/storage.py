@@ -153,16 +153,21 @@ class Folder:
     def move_in(self, local_dir: str | Path, relative: str) -> None:
         """Move a local folder to ``relative``: a rename when both are on the same local file
         system (no bytes copied), else :meth:`upload` and delete the local folder."""
-        fs, path = self._locate(relative)
-        if fs.type_name == "local":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        target = self.local_path(relative)
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.rename(local_dir, path)
+                os.rename(local_dir, target)
                 return
             except OSError:  # another device (or the target exists): copy instead
                 pass
         self.upload(local_dir, relative)
         shutil.rmtree(local_dir, ignore_errors=True)
+
+    def local_path(self, relative: str) -> Path | None:
+        """``relative`` as a path on this machine when the folder is on a local file system."""
+        fs, path = self._locate(relative)
+        return Path(path) if fs.type_name == "local" else None
 
     def download(self, relative: str, local_dir: str | Path) -> Path:
         """Copy the files below ``relative`` into a local folder; returns it."""

@@ -239,8 +239,9 @@ class TrialCheckpoints:
     Each checkpoint is moved (or on another file system, copied) there whole, then ``latest``
     (one small file, written in one piece) names it, then older ones are deleted: a reader finds
     the previous checkpoint or the new one, never half of one, on a file system or an object
-    store, whatever moment the writer's process or node died. This does not depend on Tune's saved state, which may be seconds older than the
-    last epoch when the driver is killed (on an object store, Tune uploads it in the background).
+    store, whatever moment the writer's process or node died. This does not depend on Tune's
+    saved state, which may be seconds older than the last epoch when the driver is killed (on an
+    object store, Tune uploads it in the background).
     """
 
     LATEST = "latest"
@@ -257,11 +258,12 @@ class TrialCheckpoints:
                 self.folder.remove(older)
 
     def restore(self, into: Path) -> Path | None:
-        """The latest checkpoint, copied into ``into``; None when there is none yet."""
+        """The latest checkpoint, to read (not to change): in place on a local file system, else
+        copied into ``into``; None when there is none yet."""
         if not self.folder.exists(self.LATEST):
             return None
         name = self.folder.read_bytes(self.LATEST).decode("utf-8").strip()
-        return self.folder.download(name, into / name)
+        return self.folder.local_path(name) or self.folder.download(name, into / name)
 
 
 def _train_in_trial(plan: dict[str, Any], config: TrainConfig, checkpoints: str, destination: Path

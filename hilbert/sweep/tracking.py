@@ -613,10 +613,10 @@ def close_unfinished_runs(experiment: Experiment, parent_run_id: str, status: st
         # that started in the seconds before a killed driver's Tune saved its state (the resumed
         # Tune does not know it and proposes another trial in its place).
         client.set_tag(run_id, LOST_TAG, "no process was left running this trial when its sweep ended")
-    if include_parent and client.get_run(parent_run_id).info.status == RUNNING:
-        stragglers.append(parent_run_id)
-    for run_id in stragglers:
         client.set_terminated(run_id, status)
+    if include_parent and client.get_run(parent_run_id).info.status == RUNNING:
+        client.set_terminated(parent_run_id, status)
+        return len(stragglers) + 1
     return len(stragglers)
 
 
