@@ -130,14 +130,15 @@ class Folder:
         fs, path = self._locate(relative)
         return fs.get_file_info(path).type == pyarrow.fs.FileType.File
 
-    def files(self, relative: str) -> list[str]:
-        """Names (relative to this folder) of every file below ``relative``, in a few listing
-        requests (an object store lists a thousand names per request)."""
+    def files(self, relative: str, recursive: bool = True) -> list[str]:
+        """Names (relative to this folder) of every file below ``relative`` (or only of those
+        directly in it), in a few listing requests (an object store lists a thousand names per
+        request)."""
         import pyarrow.fs
 
         fs, path = self._locate(relative)
         _, base = self._locate("")
-        selector = pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True)
+        selector = pyarrow.fs.FileSelector(path, recursive=recursive, allow_not_found=True)
         return [info.path[len(base) + 1:] for info in fs.get_file_info(selector)
                 if info.type == pyarrow.fs.FileType.File]
 

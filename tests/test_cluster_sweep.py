@@ -32,7 +32,7 @@ from mlflow import MlflowClient
 
 from hilbert.data.demo import write_demo_corpus
 from hilbert.sweep.tracking import FINISHED, PARENT_TAG, ROLE_TAG, RUNNING, TRIAL_ID_TAG
-from test_extract import kill_session
+from sessions import kill_session
 from test_sweep import (REPOSITORY, HILBERT, assert_challenger_is, best_finished, free_port, objective_history,
                         write_sweep)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from hilbert.cli import app
 from hilbert.data.manifest import load_manifest
 from hilbert.features.cache import FeatureCache
 from hilbert.features.extract import extract_features
+from sessions import kill_session
 
 pytestmark = pytest.mark.slow
 
@@ -89,33 +89,6 @@ def test_cli_refuses_a_bad_manifest_before_any_work(tmp_path: Path):
     assert result.exit_code == 2
     assert "doc_id 'a'" in result.output and "not found" in result.output
     assert not (tmp_path / "cache").exists()
-
-
-def kill_session(session_id: int) -> None:
-    """SIGKILL every process of a session, and wait until none is left.
-
-    Ray's daemons and actors leave the driver's process group but stay in its session; killing
-    only the group would let an actor finish one more entry after the test counted them.
-    """
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        members = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[3]) == session_id and fields[0] != "Z":  # after "(comm)": state ppid pgrp session
-                members.append(int(stat.parent.name))
-        if not members:
-            return
-        for pid in members:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-    raise AssertionError(f"processes of session {session_id} survived SIGKILL")
 
 
 INTERRUPTED_EXTRACTION = """

@@ -24,14 +24,16 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from mlflow import MlflowClient
+from typer.testing import CliRunner
 
+from hilbert.cli import app
 from hilbert.data.demo import DEMO_TASKS, write_demo_corpus
 from hilbert.data.manifest import load_manifest
 from hilbert.features.cache import FeatureCache
 from hilbert.features.extract import extract_features
 from hilbert.sweep.runner import run_sweep
 from hilbert.sweep.tracking import FAILED, FINISHED, KILLED, PARENT_TAG, ROLE_TAG, RUNNING, TRIAL_ID_TAG
-from test_extract import kill_session
+from sessions import communicate_or_explain, kill_session
 
 pytestmark = pytest.mark.slow
 REPOSITORY = Path(__file__).parents[1]
@@ -201,20 +203,20 @@ def test_sweep_tracks_every_trial_registers_the_best_and_predicts_from_its_alias
         assert sorted(c.split("/")[-1] for c in columns) == sorted(task.classes)
         np.testing.assert_allclose(table[columns].sum(axis=1), 1.0, rtol=1e-5)
 
-    # Promotion from the command line: no champion yet, so the challenger becomes it, with the
-    # held-out score and what it measures recorded on the version.
-    done = subprocess.run([HILBERT, "promote", result.model_name, "--manifest", str(corpus), "--cache", str(shared_cache),
-                           "--tracking-uri", uri], env=subprocess_env(), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0 and "promoted" in done.stdout, done.stdout + done.stderr
+    # Promotion from the command line (in this process: the new-process path is predict's, above):
+    # no champion yet, so the challenger becomes it, with the held-out score and what it
+    # measures recorded on the version.
+    runner = CliRunner()
+    done = runner.invoke(app, ["promote", result.model_name, "--manifest", str(corpus), "--cache", str(shared_cache),
+                               "--tracking-uri", uri])
+    assert done.exit_code == 0 and "promoted" in done.output, done.output
     assert str(client.get_model_version_by_alias(result.model_name, "champion").version) == version
     tags = client.get_model_version(result.model_name, version).tags
     assert tags["promotion.decision"] == "promoted" and "macro one-vs-rest ROC AUC" in tags["promotion.metric"]
     # The leaderboard from MLflow in the terminal: every trial, and how to open the UI.
-    done = subprocess.run([HILBERT, "runs", "--tracking-uri", uri], env={**subprocess_env(), "COLUMNS": "250"},
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert all(run.info.run_name in done.stdout for run in runs) and "mlflow ui --backend-store-uri" in done.stdout
+    done = runner.invoke(app, ["runs", "--tracking-uri", uri], env={"COLUMNS": "250"})
+    assert done.exit_code == 0, done.output
+    assert all(run.info.run_name in done.output for run in runs) and "mlflow ui --backend-store-uri" in done.output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,10 +383,7 @@ def test_a_killed_sweep_resumes_keeping_finished_trials(corpus: Path, shared_cac
 
     resumed = subprocess.Popen([*command, "--resume", "killed"], env=env, cwd=tmp_path,
                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = resumed.communicate(timeout=300)
-    finally:
-        kill_session(resumed.pid)  # whatever its Ray left behind
+    output = communicate_or_explain(resumed, timeout=300)
     assert resumed.returncode == 0, output
     assert "resuming" in output
 

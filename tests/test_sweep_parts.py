@@ -16,7 +16,8 @@ from hilbert.config import ConfigError
 from hilbert.data.demo import split_held_out
 from hilbert.features.batches import LabelMaps
 from hilbert.sweep.config import load_sweep
-from hilbert.sweep.runner import SweepError, _fitting_concurrency, _scheduler, _trial_resources
+from hilbert.sweep.runner import SweepError, _fitting_concurrency, _trial_resources
+from hilbert.sweep.search import make_scheduler
 from hilbert.train.baseline import logistic_regression_held_out
 from hilbert.train.config import TrainConfig
 from hilbert.train.loop import _objective_score
@@ -59,7 +60,7 @@ class _Trial:
 
 def test_asha_never_stops_a_trial_on_its_final_report():
     # 20 epochs, grace 5, factor 2: ASHA has a rung at epoch 20, the last one.
-    scheduler = _scheduler(demo_sweep())
+    scheduler = make_scheduler(demo_sweep())
     good, poor = _Trial("good"), _Trial("poor")
     for trial in (good, poor):
         scheduler.on_trial_add(None, trial)

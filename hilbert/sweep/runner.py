@@ -22,10 +22,12 @@ Concurrency is capped so that the trials' workers fit the cluster.
 Resuming: Tune's experiment state (with the Optuna study inside the searcher's state), each
 trial's latest epoch checkpoint (:class:`TrialCheckpoints` for one-worker trials, Train's for
 DDP trials) and ``sweep.json`` (the parent run, the tracking store) live in the sweep folder: a
-local path, or on a cluster a shared file system or an object-store URI. ``hilbert sweep --resume NAME``
-restores the Tuner; finished trials are kept, unfinished ones continue from their last epoch
-checkpoint, and with ``retry_failed`` errored ones run again. A trial whose node died is
-restarted by Tune (``max_failures``) from the same checkpoint, on any node.
+local path, or on a cluster a shared file system or an object-store URI. ``hilbert sweep
+--resume NAME`` restores the Tuner (after :func:`~hilbert.sweep.search.repair_saved_search`
+makes the searcher's saved state agree with the saved trials); finished trials are kept,
+unfinished ones continue from their last epoch checkpoint, and with ``retry_failed`` errored
+ones run again. A trial whose node died is restarted by Tune (``max_failures``) from the same
+checkpoint, on any node.
 """
 
 from __future__ import annotations
@@ -46,20 +48,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ray.tune import Callback
-from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 
 from hilbert import storage
 from hilbert.config import from_dict, to_dict
 from hilbert.sweep.config import SweepConfig, load_sweep
 from hilbert.sweep.relay import needs_relay, start_relay
+from hilbert.sweep.search import OBJECTIVE, TIME_ATTR, make_scheduler, make_searcher, repair_saved_search
 from hilbert.sweep.tracking import (FAILED, FINISHED, KILLED, Experiment, SweepTracker, TrialTracker, end_trial,
                                     find_trial_run, leaderboard, log_step, resolve_tracking_uri, source_tags,
                                     status_counts)
 from hilbert.train.config import TrainConfig
 
 STATE_FILE = "sweep.json"
-OBJECTIVE = "objective"
-TIME_ATTR = "epochs_completed"
 RESTORED = "restored_from_mlflow"  # a result re-reported from a finished run, not a new epoch
 # What a trial reports that belongs in MLflow (Tune adds pids, hostnames, timestamps, ...).
 _REPORTED = ("objective", "epoch_score", "epoch", "epochs_completed", "active_folds")
@@ -662,12 +662,14 @@ def _fit(sweep: SweepConfig, setup: TrialSetup, folder: SweepFolder, driver_expe
     trainable = tune.with_resources(tune.with_parameters(hilbert_trial, setup=setup), _trial_resources(sweep))
     if resuming and tune.Tuner.can_restore(folder.tune):
         log(f"resuming: finished trials are kept{', failed ones run again' if retry_failed else ''}")
+        for repair in repair_saved_search(folder.tune, retry_failed=retry_failed):
+            log(f"searcher state repaired to match the saved trials: {repair}")
         tuner = tune.Tuner.restore(folder.tune, trainable, resume_unfinished=True, resume_errored=retry_failed)
     else:
         callback = TrialRunsCallback(driver_experiment, setup.parent_run_id, sweep.scheduler.type)  # pickled with the Tuner
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=_searcher(sweep), scheduler=_scheduler(sweep),
+            tune_config=tune.TuneConfig(search_alg=make_searcher(sweep), scheduler=make_scheduler(sweep),
                                         num_samples=sweep.trials, max_concurrent_trials=concurrency,
                                         reuse_actors=_reuses_actors(sweep),
                                         trial_name_creator=lambda trial: trial_run_name(trial.trial_id),
@@ -734,63 +736,6 @@ def _fitting_concurrency(sweep: SweepConfig, resources: dict[str, Any], *, local
     log(f"concurrency lowered from {sweep.concurrency} to {fitting}: trials of {what} on {have}")
     return fitting
 
-
-def _searcher(sweep: SweepConfig):
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    settings = sweep.searcher
-    if settings.type == "optuna_tpe":
-        # constant_liar: concurrent trials do not all sample the same point while others run.
-        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.startup_trials,
-                                             constant_liar=sweep.concurrency > 1)
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=settings.seed)
-    space = {key: parameter.optuna_distribution() for key, parameter in sweep.search.items()}
-    return OptunaSearch(space=space, metric=OBJECTIVE, mode=sweep.objective.mode, sampler=sampler)
-
-
-def _scheduler(sweep: SweepConfig):
-    from ray.tune.schedulers import FIFOScheduler
-
-    settings = sweep.scheduler
-    assert sweep.base_config is not None
-    epochs = sweep.trial_config({}).optimization.epochs
-    if settings.type == "asha":
-        return AshaLettingTrialsFinish(
-            epochs, time_attr=TIME_ATTR, metric=OBJECTIVE, mode=sweep.objective.mode, max_t=epochs + 1,
-            grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
-    if settings.type == "median":
-        return MedianLettingTrialsFinish(
-            epochs, time_attr=TIME_ATTR, metric=OBJECTIVE, mode=sweep.objective.mode,
-            grace_period=settings.grace_period, min_samples_required=2)
-    return FIFOScheduler()
-
-
-class _FinalReportContinues:
-    """Mixin for a Tune scheduler: never stop a trial on its final report (the last epoch, or the
-    epoch where every fold stopped early). Stopping it there would kill it before it logs its
-    fold table, figures and model, for no saving; a rung of ASHA can fall on the last epoch
-    (grace 5, factor 2, 20 epochs), so ``max_t`` alone does not prevent it."""
-
-    def __init__(self, epochs: int, **settings):
-        super().__init__(**settings)
-        self._epochs = epochs
-
-    def on_trial_result(self, tune_controller, trial, result):
-        from ray.tune.schedulers import TrialScheduler
-
-        decision = super().on_trial_result(tune_controller, trial, result)
-        final = result.get(TIME_ATTR, 0) >= self._epochs or result.get("active_folds", 1) == 0
-        return TrialScheduler.CONTINUE if final else decision
-
-
-class AshaLettingTrialsFinish(_FinalReportContinues, ASHAScheduler):
-    """ASHA that lets a trial's final report through (module level: Tune pickles its scheduler)."""
-
-
-class MedianLettingTrialsFinish(_FinalReportContinues, MedianStoppingRule):
-    """Median stopping that lets a trial's final report through."""
 
 def _register_best(sweep: SweepConfig, state: SweepState, folder: SweepFolder, experiment: Experiment,
                    rows: list[dict[str, Any]], log: Callable[[str], None]) -> tuple[dict[str, Any] | None, str | None]:
