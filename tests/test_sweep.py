@@ -266,6 +266,36 @@ def test_a_failing_trial_ends_failed_and_the_sweep_goes_on(local_ray, corpus: Pa
     assert result.best is not None and result.best["run_id"] == finished.info.run_id
     assert_challenger_is(client, result.model_name, finished)
 
+    # The cause fixed (the entry whole again), `--resume --retry-failed` runs the failed trial
+    # again in its own run, keeps the finished one as it was, and the study learns the new score.
+    entries.put("text", key, features, doc_id=broken, encoder=TEXT_128)
+    lines: list[str] = []
+    retried = run_sweep(resume="failing", sweeps_dir=tmp_path / "runs" / "sweeps", retry_failed=True,
+                        log=lines.append)
+    assert any("failed ones run again" in line for line in lines), lines
+    after = children(client, result.experiment.experiment_id, result.parent_run_id)
+    assert [run.info.run_id for run in after] == [failed.info.run_id, finished.info.run_id]
+    again, kept = after
+    assert again.info.status == FINISHED and again.data.tags["attempts"] == "2"
+    assert "error" not in again.data.tags and "CacheError" in again.data.tags["previous_error"]
+    assert len(objective_history(client, again.info.run_id)) == EPOCHS
+    assert kept.info.status == FINISHED and "attempts" not in kept.data.tags
+    assert objective_history(client, kept.info.run_id) == objective_history(client, finished.info.run_id)
+    assert retried.counts == {FINISHED: 2}
+    assert_challenger_is(client, result.model_name, best_finished(after))
+    study = saved_study(tmp_path / "runs" / "sweeps" / "failing" / "tune")
+    values = sorted(trial.value for trial in study.trials if trial.value is not None)
+    assert values == sorted(run.data.metrics["objective"] for run in after)
+
+
+def saved_study(tune_folder: Path):
+    """The Optuna study in the newest searcher state Tune saved in a local sweep folder."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = OptunaSearch.__new__(OptunaSearch)
+    search.restore(str(max(tune_folder.glob("searcher-state-*.pkl"))))
+    return search._ot_study
+
 
 # ---------------------------------------------------------------------------------------------
 # 2b. One-worker trials run one after another in the same Tune actor, also after ASHA stops one

@@ -54,7 +54,7 @@ from hilbert.config import from_dict, to_dict
 from hilbert.sweep.config import SweepConfig, load_sweep
 from hilbert.sweep.relay import needs_relay, start_relay
 from hilbert.sweep.search import OBJECTIVE, TIME_ATTR, make_scheduler, make_searcher, repair_saved_search
-from hilbert.sweep.tracking import (FAILED, FINISHED, KILLED, Experiment, SweepTracker, TrialTracker, end_trial,
+from hilbert.sweep.tracking import (ERROR_TAG, FAILED, FINISHED, KILLED, Experiment, SweepTracker, TrialTracker, end_trial,
                                     find_trial_run, leaderboard, log_step, resolve_tracking_uri, source_tags,
                                     status_counts)
 from hilbert.train.config import TrainConfig
@@ -418,7 +418,7 @@ class TrialRunsCallback(Callback):
                     tracker.end(FAILED)
         run = find_trial_run(self.experiment, self.parent_run_id, trial.trial_id)
         if run is not None:  # the cause is at the end of a traceback: keep the end
-            self.experiment.client.set_tag(run.info.run_id, "error", message[-5000:])
+            self.experiment.client.set_tag(run.info.run_id, ERROR_TAG, message[-5000:])
         self._say(f"{trial_run_name(trial.trial_id)} FAILED: {message.splitlines()[-1] if message else 'no message'}")
 
     def _say(self, line: str) -> None:

@@ -61,6 +61,8 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
 TRIAL_ID_TAG = "trial_id"
 ROLE_TAG = "hilbert.role"  # "sweep" or "trial": lets queries tell the two apart
 LOST_TAG = "lost"  # set on a trial run that the sweep, not the trial, had to end
+ERROR_TAG = "error"  # why a trial failed (the end of its traceback)
+PREVIOUS_ERROR_TAG = "previous_error"  # why its last attempt failed, on a trial that runs again
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 PACKAGES = ("hilbert", "torch", "ray", "mlflow", "optuna")
 
@@ -444,6 +446,9 @@ class TrialTracker(_TrackedRun):
                 client.set_tag(self.run_id, key, value)
             if LOST_TAG in existing.data.tags:  # running again after all
                 client.delete_tag(self.run_id, LOST_TAG)
+            if ERROR_TAG in existing.data.tags:  # a failed trial retried: its error is history now
+                client.set_tag(self.run_id, PREVIOUS_ERROR_TAG, existing.data.tags[ERROR_TAG])
+                client.delete_tag(self.run_id, ERROR_TAG)
             logged = existing.data.params
         self._ended = False
         self._log_new_params(flatten_params(self.params), logged)
