@@ -54,9 +54,9 @@ from hilbert.config import from_dict, to_dict
 from hilbert.sweep.config import SweepConfig, load_sweep
 from hilbert.sweep.relay import needs_relay, start_relay
 from hilbert.sweep.search import OBJECTIVE, TIME_ATTR, make_scheduler, make_searcher, repair_saved_search
-from hilbert.sweep.tracking import (ERROR_TAG, FAILED, FINISHED, KILLED, Experiment, SweepTracker, TrialTracker, end_trial,
-                                    find_trial_run, leaderboard, log_step, resolve_tracking_uri, source_tags,
-                                    status_counts)
+from hilbert.sweep.tracking import (ERROR_TAG, FAILED, FINISHED, KILLED, Experiment, SweepTracker, TrialTracker,
+                                    end_trial, find_trial_run, leaderboard, log_step, resolve_tracking_uri,
+                                    source_tags, status_counts)
 from hilbert.train.config import TrainConfig
 
 STATE_FILE = "sweep.json"
