@@ -1,7 +1,6 @@
 """Math properties of HILBERT's objectives (hilbert/losses.py)."""
 
 import math
-import os
 
 import pytest
 import torch

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hilbert.data.audio import load_for_encoder, slice_seconds
-from hilbert.data.manifest import Document, Manifest
+from hilbert.data.manifest import Manifest
 from hilbert.features.cache import (
     MODALITIES,
     FeatureCache,

@@ -15,7 +15,6 @@ Python's ``hash()``, which is salted per process.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import unicodedata
 from collections import Counter
