@@ -32,6 +32,7 @@ from hilbert.data.manifest import load_manifest
 from hilbert.features.cache import FeatureCache
 from hilbert.features.extract import extract_features
 from hilbert.sweep.runner import run_sweep
+from hilbert.sweep.search import saved_optuna_search
 from hilbert.sweep.tracking import FAILED, FINISHED, KILLED, PARENT_TAG, ROLE_TAG, RUNNING, TRIAL_ID_TAG
 from sessions import communicate_or_explain, kill_session
 
@@ -283,18 +284,10 @@ def test_a_failing_trial_ends_failed_and_the_sweep_goes_on(local_ray, corpus: Pa
     assert objective_history(client, kept.info.run_id) == objective_history(client, finished.info.run_id)
     assert retried.counts == {FINISHED: 2}
     assert_challenger_is(client, result.model_name, best_finished(after))
-    study = saved_study(tmp_path / "runs" / "sweeps" / "failing" / "tune")
+    tune_folder = tmp_path / "runs" / "sweeps" / "failing" / "tune"
+    study = saved_optuna_search(max(tune_folder.glob("searcher-state-*.pkl")))._ot_study
     values = sorted(trial.value for trial in study.trials if trial.value is not None)
     assert values == sorted(run.data.metrics["objective"] for run in after)
-
-
-def saved_study(tune_folder: Path):
-    """The Optuna study in the newest searcher state Tune saved in a local sweep folder."""
-    from ray.tune.search.optuna import OptunaSearch
-
-    search = OptunaSearch.__new__(OptunaSearch)
-    search.restore(str(max(tune_folder.glob("searcher-state-*.pkl"))))
-    return search._ot_study
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ class SavedTrial:
     last_result: dict[str, Any]
 
     def runs_on_resume(self, retry_failed: bool) -> bool:
-        return self.status not in ("TERMINATED", "ERROR") or (self.status == "ERROR" and retry_failed)
+        return self.status != "TERMINATED" and (self.status != "ERROR" or retry_failed)
 
 
 def repair_saved_search(tune_folder: str, *, retry_failed: bool) -> list[str]:
@@ -132,14 +132,14 @@ def repair_saved_search(tune_folder: str, *, retry_failed: bool) -> list[str]:
       the kill, never saved as a trial) ends FAILED.
     The two files are rewritten in place, each in one piece.
     """
+    import ray.cloudpickle as cloudpickle  # how Tune writes the generator's state
+
     folder = storage.Folder(tune_folder)
     names = set(folder.files("", recursive=False))
     newest = {prefix: max((n for n in names if n.startswith(prefix)), default=None)
               for prefix in (EXPERIMENT_STATE, GENERATOR_STATE, SEARCHER_STATE)}
     if None in newest.values():
         return []  # nothing saved yet, or a searcher without state files
-    import ray.cloudpickle as cloudpickle  # how Tune writes the generator's state
-
     trials = _saved_trials(folder.read_bytes(newest[EXPERIMENT_STATE]))
     repairs: list[str] = []
     generator_state = cloudpickle.loads(folder.read_bytes(newest[GENERATOR_STATE]))
@@ -181,13 +181,20 @@ def _repair_generator(state: dict[str, Any], trials: list[SavedTrial], retry_fai
     return changed
 
 
+def saved_optuna_search(path: Path):
+    """The ``OptunaSearch`` in a ``searcher-state-*.pkl`` file, as Tune saved it (no set-up)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = OptunaSearch.__new__(OptunaSearch)
+    search.restore(str(path))
+    return search
+
+
 def _repair_optuna(path: Path, trials: list[SavedTrial], retry_failed: bool, repairs: list[str]) -> bool:
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
     from ray.tune.utils import flatten_dict
 
-    search = OptunaSearch.__new__(OptunaSearch)  # its state, as Tune saved it (no set-up)
-    search.restore(str(path))
+    search = saved_optuna_search(path)
     study = search._ot_study
     changed = unseen = False
 
