@@ -169,8 +169,8 @@ def demo_data(
 def demo(
     workdir: Path = typer.Option(Path("hilbert-demo"), help="Folder for the corpus, the feature cache, the sweeps "
                                                             "and the MLflow store."),
-    sweep_file: Path = typer.Option(Path("tune/demo.yaml"), "--sweep", help="Sweep of the demo (run from the "
-                                                                            "repository root, or point to your copy)."),
+    sweep_file: Optional[Path] = typer.Option(None, "--sweep", help="Sweep of the demo; default: the one shipped "
+                                                                     "with hilbert (tune/demo.yaml in the repository)."),
     documents: int = typer.Option(240, help="Documents in the demo corpus."),
     seed: int = typer.Option(0, help="Seed of the demo corpus."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray."),
@@ -186,6 +186,7 @@ def demo(
     import math
 
     from hilbert.config import ConfigError
+    from hilbert.configs import DEMO_SWEEP, packaged
     from hilbert.data.demo import split_held_out, write_demo_corpus
     from hilbert.features.extract import extract_features
     from hilbert.sweep.config import load_sweep
@@ -194,14 +195,14 @@ def demo(
     from hilbert.sweep.tracking import ui_command
     from hilbert.train.run import TrainingError
 
+    sweep_file = sweep_file or packaged(DEMO_SWEEP)
     corpus_dir = workdir / "corpus"
     overrides = {"data": {"manifest": str(corpus_dir / "development.jsonl"), "cache_dir": str(workdir / "cache")},
                  "output_dir": str(workdir / "runs")}
     try:
         sweep_config = load_sweep(sweep_file, overrides)
     except (ConfigError, FileNotFoundError) as error:
-        errors.print(f"[red]{error}[/red]\n(run `hilbert demo` from the repository root, or pass --sweep)",
-                     highlight=False)
+        errors.print(f"[red]{error}[/red]", highlight=False)
         raise typer.Exit(2) from None
     assert sweep_config.base_config is not None
     data = sweep_config.base_config.data

@@ -1,13 +1,13 @@
 """Cluster definitions (ray_cluster.yaml, clusters/*): checked offline against Ray's own autoscaler
 schema and config preparation, KubeRay manifests against the fields KubeRay requires, and every
-file against the versions this project is tested with. Nothing here talks to a cloud."""
+file against requirements/lock.txt (the versions this project is tested with): each installs
+through the lock, and every version it names is the lock's. Nothing here talks to a cloud."""
 
 from __future__ import annotations
 
 import copy
 import json
 import re
-from importlib import metadata
 from pathlib import Path
 
 import click
@@ -17,13 +17,15 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+import lockfile
+
 ROOT = Path(__file__).resolve().parents[1]
 AUTOSCALER_CONFIGS = ["ray_cluster.yaml", "clusters/gcp.yaml", "clusters/local-provider.yaml"]
 KUBERAY = ["clusters/kuberay-raycluster.yaml", "clusters/kuberay-rayjob.yaml"]
 ALL_FILES = AUTOSCALER_CONFIGS + KUBERAY + ["clusters/Dockerfile"]
 SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 EDIT_MARKER = re.compile(r"<EDIT:[a-z0-9-]+>")
-PINNED_PACKAGES = ("mlflow", "optuna", "transformers", "torchaudio")
+LOCKED = lockfile.pins()
 # The head's MLflow server listens on loopback only; trials on other nodes log through the sweep's
 # relay (hilbert/sweep/relay.py), so nothing but the head ever talks to it.
 HEAD_TRACKING_URI = "http://127.0.0.1:5000"
@@ -35,11 +37,6 @@ def load(name: str) -> dict:
 
 def load_all(name: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all((ROOT / name).read_text()) if doc]
-
-
-def torch_cap() -> str:
-    text = (ROOT / "pyproject.toml").read_text()
-    return re.search(r'"torch>=[\d.]+,<=([\d.]+)"', text).group(1)
 
 
 def check_with_ray(config: dict) -> dict:
@@ -161,7 +158,7 @@ def check_image_pinned(image: str) -> None:
 def check_raycluster(cluster: dict) -> None:
     assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
     spec = cluster["spec"]
-    assert spec["rayVersion"] == ray.__version__
+    assert spec["rayVersion"] == LOCKED["ray"]
     head = spec["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict)
     assert all(isinstance(v, str) for v in head["rayStartParams"].values()), "rayStartParams values are strings"
@@ -279,16 +276,40 @@ def test_mutated_rayjob_is_rejected():
 # Versions and placeholders, every file
 
 
-def check_versions(text: str) -> None:
-    """Every Ray mentioned is the venv's, torch is pyproject's cap, other pins are the venv's."""
-    rays = (set(re.findall(r"rayproject/ray:([\d.]+)", text)) | set(re.findall(r"ray\[[a-z,]+\]==([\d.]+)", text))
-            | set(re.findall(r'rayVersion: "([\d.]+)"', text)))
-    assert rays <= {ray.__version__}, f"Ray versions {rays} != {ray.__version__}"
-    torches = set(re.findall(r"\btorch==([\d.]+)", text))
-    assert torches <= {torch_cap()}, f"torch versions {torches} != {torch_cap()}"
-    for package in PINNED_PACKAGES:
-        pins = set(re.findall(rf"\b{package}==([\d.]+)", text))
-        assert pins <= {metadata.version(package)}, f"{package} pins {pins}"
+def check_versions(text: str, locked: dict[str, str] = LOCKED, python: str = lockfile.python_version()) -> None:
+    """Every version a file names is the lock's: Ray images (and their Python), KubeRay's
+    rayVersion, and any `package==version` pin."""
+    for version, major, minor in re.findall(r"rayproject/ray:([\d.]+)-py(\d)(\d+)", text):
+        assert version == locked["ray"], f"Ray versions: image {version} != the lock's {locked['ray']}"
+        assert f"{major}.{minor}" == python, f"image Python {major}.{minor} != the lock's {python}"
+    for version in re.findall(r'rayVersion: "([\d.]+)"', text):
+        assert version == locked["ray"], f"Ray versions: rayVersion {version} != the lock's {locked['ray']}"
+    for name, version in re.findall(r"\b([A-Za-z][\w.-]*)(?:\[[\w,]+\])?==([\w.+!-]+)", text):
+        name = lockfile.canonicalize_name(name)
+        assert locked.get(name) == version, f"{name} pins {version}, the lock {locked.get(name, 'nothing')}"
+
+
+def pip_installs(name: str, config: dict | None = None) -> list[str]:
+    """The pip install commands a file runs (its setup commands, or the Dockerfile's RUN lines)."""
+    if name.endswith("Dockerfile"):
+        commands = [line for line in (ROOT / name).read_text().splitlines() if line.startswith("RUN ")]
+    else:
+        config = config or load(name)
+        commands = [c for key in ("setup_commands", "head_setup_commands", "worker_setup_commands")
+                    for c in config.get(key, [])]
+    return [command for command in commands if "pip install" in command]
+
+
+def check_installs_through_the_lock(name: str, config: dict | None = None) -> None:
+    """Every pip install is constrained by the lock, which the config copies to each node."""
+    installs = pip_installs(name, config)
+    assert installs, f"{name} installs nothing"
+    for command in installs:
+        lock = re.search(r"(?:--constraint|-c) (\S+)/lock\.txt\b", command)
+        assert lock, f"{name}: installs without the lock: {command}"
+        if not name.endswith("Dockerfile"):  # the image copies the whole repository, lock included
+            mounts = (config or load(name))["file_mounts"]
+            assert mounts.get(lock.group(1)) == "./requirements", f"{name}: {lock.group(1)} is not the mounted lock folder"
 
 
 def check_placeholders(text: str) -> None:
@@ -300,14 +321,18 @@ def check_placeholders(text: str) -> None:
 
 
 @pytest.mark.parametrize("name", ALL_FILES)
-def test_pins_ray_of_the_venv_and_torch_of_pyproject(name):
+def test_every_version_named_is_the_locks(name):
     text = (ROOT / name).read_text()
     check_versions(text)
-    if name != "clusters/kuberay-rayjob.yaml":  # the job runs on the cluster's image
-        assert any(pin in text for pin in (f"rayproject/ray:{ray.__version__}", f'rayVersion: "{ray.__version__}"',
-                                           f"tune,train,data]=={ray.__version__}"))
-    if name not in KUBERAY:  # the KubeRay image is built by clusters/Dockerfile
-        assert f"torch=={torch_cap()}" in text
+    if name == "clusters/local-provider.yaml":  # no image: a virtualenv of the lock's Python on each machine
+        assert f"python{lockfile.python_version()} -m venv" in text
+    elif name != "clusters/kuberay-rayjob.yaml":  # the job runs on the cluster's image
+        assert f"rayproject/ray:{LOCKED['ray']}-py" in text or f'rayVersion: "{LOCKED["ray"]}"' in text
+
+
+@pytest.mark.parametrize("name", AUTOSCALER_CONFIGS + ["clusters/Dockerfile"])
+def test_every_install_goes_through_the_lock(name):
+    check_installs_through_the_lock(name)
 
 
 @pytest.mark.parametrize("name", ALL_FILES)
@@ -330,12 +355,27 @@ def test_install_commands_pin_the_project_to_a_tag():
 def test_mutated_versions_and_placeholders_are_rejected():
     text = (ROOT / "ray_cluster.yaml").read_text()
     with pytest.raises(AssertionError, match="Ray versions"):
-        check_versions(text.replace(f"rayproject/ray:{ray.__version__}", "rayproject/ray:2.49.0"))
-    with pytest.raises(AssertionError, match="torch versions"):
-        check_versions(text.replace(f"torch=={torch_cap()}", "torch==2.9.0"))
-    with pytest.raises(AssertionError, match="mlflow pins"):
-        check_versions(text.replace("mlflow==", "mlflow==0.0.1+"))
+        check_versions(text.replace(f"rayproject/ray:{LOCKED['ray']}", "rayproject/ray:2.49.0"))
+    with pytest.raises(AssertionError, match="image Python"):
+        check_versions(text.replace("-py311-gpu", "-py312-gpu"))
+    with pytest.raises(AssertionError, match="mlflow pins 0.0.1"):
+        check_versions(text + '\n# pip install "mlflow==0.0.1"\n')
+    with pytest.raises(AssertionError, match="ray pins 2.49.0"):
+        check_versions(text + '\n# pip install "ray[default,tune]==2.49.0"\n')
+    with pytest.raises(AssertionError, match="Ray versions"):  # the lock moved on, the file stayed behind
+        check_versions(text, {**LOCKED, "ray": "2.61.0"})
     with pytest.raises(AssertionError, match="un-marked"):
         check_placeholders(text.replace("<EDIT:bucket>", "<bucket>"))
     with pytest.raises(AssertionError, match="un-marked"):
         check_placeholders(text + "\n# TODO\n")
+
+
+def test_an_install_around_the_lock_is_rejected():
+    around = load("ray_cluster.yaml")
+    around["head_setup_commands"] = ['pip install --no-cache-dir "boto3>=1.34"']
+    with pytest.raises(AssertionError, match="without the lock"):
+        check_installs_through_the_lock("ray_cluster.yaml", around)
+    unmounted = load("ray_cluster.yaml")
+    del unmounted["file_mounts"]["/home/ray/hilbert-requirements"]
+    with pytest.raises(AssertionError, match="not the mounted lock folder"):
+        check_installs_through_the_lock("ray_cluster.yaml", unmounted)
