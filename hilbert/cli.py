@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hilbert.data.manifest import Manifest, ManifestError, ValidationReport, load_manifest, validate_manifest
+from hilbert.ray_runtime import VersionMismatch
 
 # A hilbert model is a few files of megabytes: MLflow's per-download progress bars only break up
 # the command's tables (set the variable to "true" to have them back).
@@ -130,7 +131,7 @@ def extract(
     from hilbert.features.extract import ExtractionError, extract_features
 
     corpus = _exit_on_bad_manifest(manifest)
-    with _refusing(ExtractionError, ValueError, code=1):
+    with _refusing(VersionMismatch), _refusing(ExtractionError, ValueError, code=1):
         report = extract_features(corpus, audio_encoder, text_encoder, cache, address=address,
                                   num_actors=actors, use_gpu=gpu, documents_per_batch=batch_documents)
     feature_set = report.feature_set
@@ -227,14 +228,16 @@ def demo(
                   f"documents of other speakers (promotion, final table)")
 
     console.rule("3. extract features")
-    extraction = extract_features(Manifest(report.manifest_path, report.documents), data.audio_encoder,
-                                  data.text_encoder, data.cache_dir, address=address)
+    with _refusing(VersionMismatch):
+        extraction = extract_features(Manifest(report.manifest_path, report.documents), data.audio_encoder,
+                                      data.text_encoder, data.cache_dir, address=address)
     console.print(extraction.throughput_line())
     development_features = extract_features(development, data.audio_encoder, data.text_encoder, data.cache_dir,
                                             address=address, progress=False).feature_set
 
     console.rule(f"4. sweep: {sweep_config.trials} trials, Ray Tune + Optuna, k-fold Ray Train DDP, MLflow")
-    with _refusing(ConfigError, SweepError, TrainingError, RegistryError), _refusing(SweepInterrupted, code=130):
+    with _refusing(ConfigError, SweepError, TrainingError, RegistryError, VersionMismatch), \
+            _refusing(SweepInterrupted, code=130):
         result = run_sweep(sweep_file, overrides=overrides, address=address, manifest=development,
                            feature_sets={pair_key(data.audio_encoder, data.text_encoder): development_features},
                            log=console.print)
@@ -372,7 +375,7 @@ def train(
     with _refusing(ConfigError):
         train_config = load_train_config(config, overrides)
     corpus = _exit_on_bad_manifest(Path(train_config.data.manifest))
-    with _refusing(TrainingError, ValueError, code=1):
+    with _refusing(VersionMismatch), _refusing(TrainingError, ValueError, code=1):
         result = run_cross_validation(train_config, manifest=corpus, address=address, run_dir=output,
                                       log=console.print)
     print_cross_validation(result)
@@ -504,7 +507,7 @@ def sweep(
     from hilbert.sweep.runner import SweepError, SweepInterrupted, run_sweep
     from hilbert.train.run import TrainingError
 
-    with _refusing(ConfigError, SweepError, TrainingError, RegistryError, FileNotFoundError), \
+    with _refusing(ConfigError, SweepError, TrainingError, RegistryError, FileNotFoundError, VersionMismatch), \
             _refusing(SweepInterrupted, code=130):
         result = run_sweep(sweep_file, name=name, resume=resume, sweeps_dir=sweeps_dir, address=address,
                            tracking_uri=tracking_uri, retry_failed=retry_failed, log=console.print)

@@ -3,12 +3,28 @@
 Every Ray-using command goes through :func:`connect` so that the same code path runs on a
 laptop (no address: a local Ray is started in-process and shut down at exit) and on a cluster
 (``--address auto`` or ``ray://head:10001``). The difference is configuration, never code.
+
+Joining a cluster first compares the versions that must agree on every machine of a sweep (Ray,
+torch, MLflow, hilbert, Python) between this driver and every node, and refuses a cluster that
+differs: a trial whose worker runs another torch or MLflow fails later in ways nobody can read.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import platform
+from importlib import metadata
+from typing import Any, Mapping
+
+# What every process of a sweep must run identically (requirements/lock.txt pins them all).
+CHECKED_PACKAGES = ("ray", "torch", "mlflow", "hilbert")
+# Set to 1 to warn instead of refusing (a deliberate mix, such as a patch release on one node).
+ALLOW_MISMATCH_ENV = "HILBERT_ALLOW_VERSION_MISMATCH"
+NODE_ANSWER_SECONDS = 120.0
+
+
+class VersionMismatch(RuntimeError):
+    """A node of the cluster runs other versions than the driver; the message names each."""
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> dict[str, Any]:
@@ -43,7 +59,87 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
         else:
             kwargs.update(address=address)
         ray.init(**kwargs)
+        if not local:
+            check_cluster_versions()
     return dict(ray.cluster_resources())
+
+
+def installed_versions() -> dict[str, str]:
+    """This process's Python (major.minor: what Ray requires to match) and the version of each
+    of :data:`CHECKED_PACKAGES` as installed (its distribution's metadata)."""
+    versions = {"python": ".".join(platform.python_version_tuple()[:2])}
+    for name in CHECKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def version_differences(driver: Mapping[str, str], node: Mapping[str, str], where: str) -> list[str]:
+    """One line for each package whose version at ``where`` differs from the driver's."""
+    return [f"{name}: {node.get(name, 'unknown')} on {where}, {version} on the driver"
+            for name, version in driver.items() if node.get(name) != version]
+
+
+def refuse_differences(differences: list[str]) -> None:
+    """Raise :class:`VersionMismatch` naming every difference, with the fix (or only warn when
+    $HILBERT_ALLOW_VERSION_MISMATCH is 1)."""
+    if not differences:
+        return
+    message = ("the cluster runs other versions than this driver:\n  " + "\n  ".join(differences) + "\n"
+               "Every machine of a sweep must run the same versions: install requirements/lock.txt on the "
+               "driver and on every node (pip install -c requirements/lock.txt ..., as the cluster configs "
+               "do), or rebuild the image from this checkout; see clusters/README.md, 'One environment "
+               f"everywhere'. To run anyway, set {ALLOW_MISMATCH_ENV}=1.")
+    if os.environ.get(ALLOW_MISMATCH_ENV) == "1":
+        import warnings
+
+        warnings.warn(message, stacklevel=2)
+        return
+    raise VersionMismatch(message)
+
+
+def check_cluster_versions(timeout_s: float = NODE_ANSWER_SECONDS) -> dict[str, dict[str, str]]:
+    """Compare :func:`installed_versions` of this driver with those of every alive node (one
+    zero-CPU task pinned to each node, in the job's runtime environment, as trials see it).
+
+    Returns node id -> versions; raises :class:`VersionMismatch` when any node differs or does
+    not answer. Nodes the autoscaler starts later are installed from the same lock by the cluster
+    configs, and each trial checks its own node again (:func:`require_versions`).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    driver = installed_versions()
+    probe = ray.remote(num_cpus=0, max_retries=0)(installed_versions)
+    nodes = {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in ray.nodes() if node.get("Alive")}
+    asked = {node_id: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+             for node_id in nodes}
+    ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=timeout_s)
+    answers: dict[str, dict[str, str]] = {}
+    differences: list[str] = []
+    for node_id, reference in asked.items():
+        where = f"node {nodes[node_id]} ({node_id[:12]})"
+        if reference not in ready:
+            ray.cancel(reference, force=True)
+            differences.append(f"{where} did not answer in {timeout_s:.0f} s (is hilbert installed there?)")
+            continue
+        try:
+            answers[node_id] = ray.get(reference)
+        except Exception as error:  # hilbert not importable there, a broken environment
+            differences.append(f"{where} could not report its versions: {type(error).__name__}: "
+                               f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}")
+            continue
+        differences += version_differences(driver, answers[node_id], where)
+    refuse_differences(differences)
+    return answers
+
+
+def require_versions(expected: Mapping[str, str], where: str) -> None:
+    """Refuse to go on in a process whose versions differ from ``expected`` (the driver's): how
+    a trial on a node that joined after the sweep started checks itself."""
+    refuse_differences(version_differences(expected, installed_versions(), where))
 
 
 def _free_port() -> int:

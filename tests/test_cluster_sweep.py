@@ -9,6 +9,10 @@ node has trained an epoch, the test SIGKILLs that node (its raylet, agents and w
 must finish on the head: the lost trial retried from its last checkpointed epoch, every trial
 FINISHED in MLflow, nothing left RUNNING, the best one registered. Where the trials ran is read
 from Ray's State API. Everything the test started is killed at the end, pass or fail.
+
+A second cluster's second node runs another MLflow (a distribution of another version first on
+its path, as a stale install would be): `hilbert sweep` and `hilbert train` submitted to it must
+refuse before the first trial, naming the package and both versions.
 """
 
 from __future__ import annotations
@@ -120,7 +124,9 @@ def alive_nodes(env: dict[str, str], dashboard: str) -> list[dict]:
     return state_rows(done.stdout) if done.returncode == 0 else []
 
 
-def start_cluster(temp_dir: Path, logs: Path, stack: ExitStack) -> Cluster:
+def start_cluster(temp_dir: Path, logs: Path, stack: ExitStack, second_env: dict[str, str] | None = None) -> Cluster:
+    """A head and a second node; ``second_env`` is what the second node runs with (default: the
+    cluster's own environment)."""
     env = cluster_env(temp_dir)
     gcs_port, dashboard_port = free_port(), free_port()
     dashboard = f"http://127.0.0.1:{dashboard_port}"
@@ -138,7 +144,7 @@ def start_cluster(temp_dir: Path, logs: Path, stack: ExitStack) -> Cluster:
         second = start_ray_node(
             [sys.executable, str(REPOSITORY / "tests" / "loopback_ray_node.py"), "start",
              f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-             *node_ports()], env, logs / f"second-{attempt}.log")
+             *node_ports()], {**env, **(second_env or {})}, logs / f"second-{attempt}.log")
         stack.callback(kill_session, second.pid)
 
         def joined_or_gave_up():
@@ -280,3 +286,43 @@ def test_a_sweep_submitted_to_two_nodes_survives_losing_one(tmp_path: Path):
         assert all("attempts" not in run.data.tags for run in others)
         assert_challenger_is(client, "model-cluster", best_finished(runs))
         assert "registered trial-" in output and "Job 'hilbert-sweep' succeeded" in output
+
+
+def stale_distribution(folder: Path, name: str, version: str) -> Path:
+    """A folder whose ``NAME-VERSION.dist-info`` is what ``importlib.metadata`` finds first when
+    the folder leads ``PYTHONPATH``: how a node with a stale install reports itself."""
+    info = folder / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return folder
+
+
+def test_a_node_with_other_versions_is_refused_before_the_first_trial(tmp_path: Path):
+    from importlib import metadata
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="hilbert-ray-", dir="/tmp"))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    corpus = write_demo_corpus(tmp_path / "corpus", n_documents=12, seed=1)
+    sweep_file = write_sweep(tmp_path, corpus, name="mixed", trials=1, epochs=1, workers=1,
+                             search={"optimization.learning_rate": {"type": "loguniform", "low": 0.001, "high": 0.01}})
+    stale = stale_distribution(tmp_path / "stale", "mlflow", "0.0.1")
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, temp_dir, ignore_errors=True)
+        stack.callback(kill_processes_under, temp_dir)
+        cluster = start_cluster(temp_dir, logs, stack, second_env={"PYTHONPATH": f"{stale}:{REPOSITORY}"})
+        for command in (["sweep", str(sweep_file), "--address", "auto", "--tracking-uri",
+                         f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                        ["train", str(tmp_path / "train.yaml"), "--address", "auto"]):
+            done = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPOSITORY),
+                 "--", HILBERT, *command], env=cluster.env, capture_output=True, text=True, timeout=300)
+            output = done.stdout + done.stderr
+            assert done.returncode != 0, output[-4000:]
+            assert "the cluster runs other versions than this driver" in output, output[-4000:]
+            assert f"mlflow: 0.0.1 on node 127.0.0.1 ({cluster.second_node_id[:12]}), " \
+                   f"{metadata.version('mlflow')} on the driver" in output, output[-4000:]
+            assert "requirements/lock.txt" in output and "Traceback" not in output, output[-4000:]
+            assert "torch:" not in output.split("the cluster runs other versions")[1].split("Every machine")[0]
+        # Refused before any trial: no trial folder, no checkpoint, no model.
+        assert not list((tmp_path / "runs").rglob("trial-*")) and not list((tmp_path / "runs").rglob("*.safetensors"))

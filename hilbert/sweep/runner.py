@@ -51,6 +51,7 @@ from ray.tune import Callback
 
 from hilbert import storage
 from hilbert.config import from_dict, to_dict
+from hilbert.ray_runtime import connect, dashboard_url, installed_versions, require_versions
 from hilbert.sweep.config import SweepConfig, load_sweep
 from hilbert.sweep.relay import needs_relay, start_relay
 from hilbert.sweep.search import OBJECTIVE, TIME_ATTR, make_scheduler, make_searcher, repair_saved_search
@@ -168,6 +169,7 @@ class TrialSetup:
     parent_run_id: str
     folder: SweepFolder
     run_tags: dict[str, str] = dataclasses.field(default_factory=dict)  # user, source, commit for each trial
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)  # the driver's (ray_runtime.installed_versions)
 
 
 def pair_key(audio_encoder: str, text_encoder: str) -> str:
@@ -190,6 +192,8 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
 
     entered = time.perf_counter()
     trial_id = tune.get_context().get_trial_id()
+    # A node the autoscaler started after the sweep's own check (ray_runtime.connect) is checked here.
+    require_versions(setup.versions, f"the node of trial {trial_id} ({_node_tags()['ray.node_ip']})")
     if _report_if_already_finished(setup, trial_id):
         return
     values = setup.sweep.trial_values(_unflatten_keys(sampled))
@@ -547,7 +551,7 @@ def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, 
 
     with tracker, _working_in(folder.root if not storage.is_uri(folder.root) else tempfile.gettempdir()):
         _run_tuner(sweep, prepared, TrialSetup(sweep, prepared.plans, prepared.classes, experiment,
-                                               state.parent_run_id, folder, source_tags()),
+                                               state.parent_run_id, folder, source_tags(), installed_versions()),
                    folder, address=address, resuming=resume is not None, retry_failed=retry_failed, log=log)
         rows = leaderboard(experiment, state.parent_run_id, OBJECTIVE)
         best, version = _register_best(sweep, state, folder, experiment, rows, log)
@@ -625,8 +629,6 @@ def _prepare(sweep: SweepConfig, *, manifest, feature_sets, address, log) -> _Pr
 
 def _run_tuner(sweep: SweepConfig, prepared: _Prepared, setup: TrialSetup, folder: SweepFolder, *,
                address: str | None, resuming: bool, retry_failed: bool, log: Callable[[str], None]) -> None:
-    from hilbert.ray_runtime import connect, dashboard_url
-
     # Tune saves its experiment state at most every 10 s by default; a driver killed in between
     # forgets the trials that ended meanwhile. The state of a sweep is small: save it often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
