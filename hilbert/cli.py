@@ -626,6 +626,165 @@ def print_promotion(decision) -> None:
     console.print(f"{decision.model_name} version {decision.challenger_version}: {verdict} — {decision.reason}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Feature cache housekeeping
+
+cache_app = typer.Typer(
+    help="What a feature cache holds (`info`), and deleting what no feature set needs any more (`prune`). "
+         "Both are safe while other processes read from the cache and extract into it.",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+CACHE_HELP = "Feature cache: a folder, or a URI every node reads (s3://bucket/cache...)."
+
+
+def _bytes(count: int) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as `du --si` and object stores count)."""
+    size = float(count)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            break
+        size /= 1000
+    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+
+
+def _print_json(payload) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")  # plain: no markup, no wrapping
+
+
+@cache_app.command("info")
+def cache_info_command(
+    cache: str = typer.Option("cache", "--cache", help=CACHE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the same as JSON (for scripts)."),
+) -> None:
+    """Entries and bytes per encoder, every feature set, unreferenced entries, leftovers, mirror."""
+    from hilbert.features.cache import CacheError
+    from hilbert.features.housekeeping import cache_info
+
+    with _refusing(CacheError, code=1):
+        info = cache_info(cache)
+    if as_json:
+        _print_json(info.to_json())
+        return
+    _print_cache_info(info)
+
+
+def _print_cache_info(info) -> None:
+    import time
+
+    kind = "a URI: the store is authoritative" if info.is_uri else "a folder"
+    mirror = (f"\nthis node's mirror: {info.mirror} ({info.mirror_size.files} files, {_bytes(info.mirror_size.bytes)})"
+              if info.mirror else "")
+    if not info.exists:
+        console.print(f"no feature cache at {info.location} yet ({kind}): nothing has been extracted into it "
+                      f"(`hilbert extract MANIFEST --cache {info.location}`){mirror}", highlight=False)
+        return
+    entries = sum(t.files for t in info.modalities.values())
+    console.print(f"feature cache {info.location} ({kind}): {entries} entries, {len(info.sets)} feature set(s), "
+                  f"{info.total.files} files, {_bytes(info.total.bytes)}{mirror}", highlight=False)
+    table = Table(title="entries by encoder", title_justify="left")
+    for column in ("modality", "encoder", "entries", "size", "unreferenced", "unreferenced size"):
+        table.add_column(column, justify="left" if column in ("modality", "encoder") else "right")
+    for row in info.encoders:
+        table.add_row(row.modality, row.encoder, str(row.entries), _bytes(row.bytes), str(row.unreferenced_entries),
+                      _bytes(row.unreferenced_bytes))
+    for modality, tally in info.modalities.items():
+        table.add_row(f"[bold]{modality}[/bold]", "[bold]all[/bold]", str(tally.files), _bytes(tally.bytes), "", "")
+    console.print(table)
+    if info.sets:
+        sets = Table(title="feature sets", title_justify="left")
+        for column in ("id", "manifest", "manifest now", "audio encoder", "text encoder", "documents", "created",
+                       "size"):
+            sets.add_column(column, justify="right" if column in ("documents", "size") else "left",
+                            overflow="fold", no_wrap=column == "id")
+        for summary in sorted(info.sets, key=lambda s: s.created):
+            sets.add_row(summary.id, summary.manifest, summary.manifest_state, summary.audio_encoder,
+                         summary.text_encoder,
+                         str(summary.documents), time.strftime("%Y-%m-%d %H:%M", time.localtime(summary.created)),
+                         _bytes(summary.bytes))
+        sets.caption = ("manifest now: `changed` when the file was edited since the set was made (nothing will read "
+                        "that set again: a candidate for `hilbert cache prune --drop-set ID`)")
+        console.print(sets)
+    for summary in info.sets:
+        if summary.missing_entries:
+            errors.print(f"[yellow]feature set {summary.id} names {summary.missing_entries} entries the cache lacks: "
+                         f"run `hilbert extract {summary.manifest}` again[/yellow]", highlight=False)
+    console.print(f"unreferenced (named by no feature set or running extraction): {info.unreferenced.files} entries, "
+                  f"{_bytes(info.unreferenced.bytes)}; `hilbert cache prune` deletes those older than its grace "
+                  "period (1h)", highlight=False)
+    console.print(f"running extractions (pending references): {info.pending_references.files}; "
+                  f"prunes in progress: {info.prunes_in_progress}; temporaries: {info.temporaries.files} "
+                  f"({_bytes(info.temporaries.bytes)}), {info.stale_temporaries.files} of them stale; "
+                  f"other files: {info.other.files} ({_bytes(info.other.bytes)})", highlight=False)
+
+
+@cache_app.command("prune")
+def cache_prune_command(
+    cache: str = typer.Option("cache", "--cache", help=CACHE_HELP),
+    older_than: str = typer.Option("1h", "--older-than", metavar="DURATION",
+                                   help="Grace period, like git gc's: only unreferenced entries older than this go "
+                                        "(30m, 1h, 2d, 1h30m; 0 for none). Temporaries and pending references of "
+                                        "running writers are kept at least 1h whatever it says."),
+    drop_set: list[str] = typer.Option([], "--drop-set", metavar="ID",
+                                       help="Delete this feature set first (an id from `hilbert cache info`; "
+                                            "repeatable); its entries then go when no other set names them and "
+                                            "they are past the grace period. Drop only sets no running job uses."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be removed; delete nothing."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster (`auto`, `ray://head:10001`): prune the mirror of "
+                                                     "every alive node (URI caches only); default: this node's."),
+    as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON (for scripts)."),
+) -> None:
+    """Delete entries no feature set names once past the grace period, and stale leftovers.
+
+    For a URI: in the store, then in this node's mirror (or every node's, with --address).
+
+    Safe while other processes read and extract: no feature set is ever left naming a deleted entry.
+    """
+    from hilbert.features.cache import CacheError
+    from hilbert.features.housekeeping import HousekeepingError, parse_duration, prune_cache
+    from hilbert.ray_runtime import VersionMismatch
+
+    try:
+        grace = parse_duration(older_than)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="'--older-than'") from None
+    with _refusing(HousekeepingError, VersionMismatch), _refusing(CacheError, code=1):
+        reports = prune_cache(cache, older_than=grace, drop_sets=drop_set, dry_run=dry_run, cluster_address=address)
+    if as_json:
+        _print_json([report.to_json() for report in reports])
+        return
+    _print_prune_reports(reports)
+
+
+def _print_prune_reports(reports) -> None:
+    from hilbert.features.housekeeping import format_duration
+
+    first = reports[0]
+    verb = "would remove (dry run: nothing deleted)" if first.dry_run else "removed"
+    console.print(f"{first.location}, grace period {format_duration(first.older_than)}: {verb}", highlight=False)
+    table = Table()
+    for column in ("where", "what", "files", "size"):
+        table.add_column(column, justify="right" if column in ("files", "size") else "left", overflow="fold")
+    for report in reports:
+        where = report.tree if report.tree != "mirror" else f"mirror {report.path} on {report.node}"
+        if report.error:
+            table.add_row(where, f"[red]failed: {report.error}[/red]", "", "")
+            continue
+        removed = [(kind, tally) for kind, tally in report.removed.items() if tally.files]
+        for kind, tally in removed or [("nothing", None)]:
+            table.add_row(where, kind, str(tally.files) if tally else "0", _bytes(tally.bytes) if tally else "")
+    console.print(table)
+    if first.dropped_sets:
+        console.print(f"feature sets {'to drop' if first.dry_run else 'dropped'}: {', '.join(first.dropped_sets)}")
+    console.print(f"kept: {first.kept_young.files} unreferenced entries younger than "
+                  f"{format_duration(first.older_than)} ({_bytes(first.kept_young.bytes)}), "
+                  f"{first.kept_pending.files} named only by a running extraction ({_bytes(first.kept_pending.bytes)})",
+                  highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console script entry point
     sys.exit(app())
 

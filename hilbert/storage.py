@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -80,6 +81,16 @@ def shown(location: str) -> str:
     return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """One file of a listing: its name relative to the listed folder, size in bytes, and when it
+    was last written (seconds since the epoch; an object's last-modified time)."""
+
+    name: str
+    size: int
+    mtime: float
+
+
 class Folder:
     """The files below one URI, its file system resolved once (resolving costs ~10 ms, more than
     a request). Names below it are relative, ``/``-separated. Pickles as its URI alone."""
@@ -141,6 +152,26 @@ class Folder:
         selector = pyarrow.fs.FileSelector(path, recursive=recursive, allow_not_found=True)
         return [info.path[len(base) + 1:] for info in fs.get_file_info(selector)
                 if info.type == pyarrow.fs.FileType.File]
+
+    def stat_files(self, relative: str, recursive: bool = True) -> list[StoredFile]:
+        """Like :meth:`files`, with each file's size and modification time (same requests)."""
+        import pyarrow.fs
+
+        fs, path = self._locate(relative)
+        _, base = self._locate("")
+        selector = pyarrow.fs.FileSelector(path, recursive=recursive, allow_not_found=True)
+        return [StoredFile(info.path[len(base) + 1:], int(info.size or 0),
+                           info.mtime.timestamp() if info.mtime is not None else 0.0)
+                for info in fs.get_file_info(selector) if info.type == pyarrow.fs.FileType.File]
+
+    def delete_file(self, relative: str) -> bool:
+        """Delete one file; False when it was not there (another process deleted it first)."""
+        fs, path = self._locate(relative)
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def upload(self, local_dir: str | Path, relative: str) -> None:
         """Copy a local folder's files to ``relative`` (below this folder)."""

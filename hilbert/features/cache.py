@@ -7,6 +7,8 @@ Layout under the cache root::
     sets/<set id>.json                   which entry holds each document of one manifest,
                                          for one (audio encoder, text encoder) pair
     fingerprints.json                    memo: audio file (path, size, mtime) -> sha256
+    pending/extract-<token>.json         keys a running extraction is about to name in a set
+    pending/prune-<token>.json           marker of a running `hilbert cache prune`
 
 An entry's key is a hash of everything its values depend on (see :func:`audio_entry_key` and
 :func:`text_entry_key`), so an unchanged document is a cache hit whatever run, manifest or node
@@ -20,6 +22,10 @@ The root may also be a URI (an object store such as ``s3://bucket/cache``, or an
 system), so that every node of a cluster shares one cache: each file is one upload there, which
 readers see whole or not at all, and each node reads through a local mirror of the same layout
 (see :class:`FeatureCache`).
+
+Entries no feature set names any more are deleted by :mod:`hilbert.features.housekeeping`
+(``hilbert cache prune``); the pending references and prune markers here are its protocol with
+concurrent extractions, described there.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -56,6 +64,18 @@ DEFAULT_MIRRORS = Path("~/.cache/hilbert/mirrors")
 
 # Temporary files older than this are leftovers of a killed writer, not a writer in progress.
 STALE_TEMPORARY_SECONDS = 3600
+
+# Pending references and prune markers (see hilbert.features.housekeeping for the protocol).
+PENDING = "pending"
+EXTRACTION_PREFIX, PRUNE_PREFIX = "extract-", "prune-"
+# A pending reference counts at least this long after its last write (a prune's grace period may
+# make it longer); a running extraction rewrites its reference well within it.
+PENDING_REFERENCE_SECONDS = 3600
+PENDING_REFRESH_SECONDS = 600
+# A prune rewrites its marker this often while it deletes; a marker older than the stale age is
+# a killed prune's, which nobody needs to wait for.
+PRUNE_MARKER_REFRESH_SECONDS = 30
+PRUNE_MARKER_STALE_SECONDS = 120
 
 
 class CacheError(RuntimeError):
@@ -115,6 +135,31 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
         while chunk := stream.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def entry_name(modality: Modality, key: str) -> str:
+    """Where entry ``key`` lives, relative to the cache root."""
+    return f"entries/{modality}/{key[:2]}/{key}.safetensors"
+
+
+def parse_entry_name(name: str) -> tuple[Modality, str] | None:
+    """``(modality, key)`` of an entry's relative name; None for anything else (a temporary)."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != "entries" or parts[1] not in MODALITIES or not parts[3].endswith(".safetensors"):
+        return None
+    key = parts[3][:-len(".safetensors")]
+    return (parts[1], key) if parts[2] == key[:2] and not key.startswith(".") else None  # type: ignore[return-value]
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a relative name is a writer's temporary file: ``atomic_write_bytes``'s ``.*.tmp``,
+    or :meth:`storage.Folder.write_bytes`'s ``.*.partial`` on a shared file system."""
+    base = name.rsplit("/", 1)[-1]
+    return base.startswith(".") and base.endswith((".tmp", ".partial"))
+
+
+def _token() -> str:
+    return f"{int(time.time())}-{os.getpid()}-{os.urandom(4).hex()}"
 
 
 def mirror_folder(uri: str) -> Path:
@@ -206,10 +251,34 @@ class FeatureCache:
         if self.store is not None:
             self.store.write_bytes(relative, (self.root / relative).read_bytes())
 
+    @property
+    def authority(self) -> storage.Folder:
+        """The files every reader trusts: the store for a URI root, else the root folder itself.
+        Housekeeping lists and deletes through it."""
+        return self.store if self.store is not None else storage.Folder(self.location)
+
+    def write_authoritative(self, relative: str, data: bytes) -> None:
+        """Write file ``relative`` to the store only (or the local root): for files that concern
+        every node, not this node's mirror (pending references, prune markers)."""
+        if self.store is not None:
+            self.store.write_bytes(relative, data)
+        else:
+            atomic_write_bytes(self.root / relative, data)
+
+    def delete_authoritative(self, relative: str) -> bool:
+        """Delete file ``relative`` from the store (or the local root); False when it was not there."""
+        if self.store is not None:
+            return self.store.delete_file(relative)
+        try:
+            (self.root / relative).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     # entries ------------------------------------------------------------------------------
     @staticmethod
     def _entry(modality: Modality, key: str) -> str:
-        return f"entries/{modality}/{key[:2]}/{key}.safetensors"
+        return entry_name(modality, key)
 
     def entry_path(self, modality: Modality, key: str) -> Path:
         return self.root / self._entry(modality, key)
@@ -261,8 +330,13 @@ class FeatureCache:
         if self.store is not None and not path.is_file():
             self._refresh(relative)
         try:
-            with safe_open(str(path), framework="numpy") as entry:
-                return entry.get_tensor("features")
+            try:
+                return self._read_features(path)
+            except FileNotFoundError:
+                # A mirror copy pruned between the check above and the open: the store still has it.
+                if not self._refresh(relative):
+                    raise
+                return self._read_features(path)
         except FileNotFoundError:
             raise CacheError(f"cache entry missing: {self._shown(relative)} (run `hilbert extract` again)") from None
         except (SafetensorError, OSError, ValueError) as error:
@@ -270,6 +344,12 @@ class FeatureCache:
                 path.unlink(missing_ok=True)  # the next read downloads it again
             raise CacheError(f"cache entry unreadable: {self._shown(relative)} ({error}); "
                              "delete it and extract again") from error
+
+    @staticmethod
+    def _read_features(path: Path) -> np.ndarray:
+        # Once open, the file stays readable on POSIX even if a prune unlinks it meanwhile.
+        with safe_open(str(path), framework="numpy") as entry:
+            return entry.get_tensor("features")
 
     # feature sets -------------------------------------------------------------------------
     @staticmethod
@@ -300,6 +380,27 @@ class FeatureCache:
         except (ValueError, TypeError) as error:
             raise CacheError(f"feature set unreadable: {self._shown(relative)} ({error}); "
                              "run `hilbert extract` again") from error
+
+    def feature_set_ids(self) -> list[str]:
+        """Ids of every feature set the cache holds (the store's, for a URI root)."""
+        names = self.authority.files("sets", recursive=False)
+        return sorted(name[len("sets/"):-len(".json")] for name in names
+                      if name.endswith(".json") and not name.rsplit("/", 1)[-1].startswith("."))
+
+    def feature_set_by_id(self, set_id: str) -> FeatureSet | None:
+        """The feature set ``set_id`` as the store (or local root) holds it, or None; the mirror
+        is neither read nor written (housekeeping looks at every set, training reads through
+        :meth:`read_feature_set`)."""
+        relative = self._feature_set(set_id)
+        try:
+            payload = self.authority.read_bytes(relative)
+        except FileNotFoundError:
+            return None
+        try:
+            return FeatureSet(**json.loads(payload.decode("utf-8")))
+        except (ValueError, TypeError) as error:
+            raise CacheError(f"feature set unreadable: {self._shown(relative)} ({error}); "
+                             "run `hilbert extract` again, or delete it") from error
 
     def load_document(self, feature_set: FeatureSet, doc_id: str) -> tuple[np.ndarray, np.ndarray]:
         """The (audio [S, Da], text [S, Dt]) features of one document of ``feature_set``."""
@@ -337,6 +438,42 @@ class FeatureCache:
             atomic_write_json(memo_path, memo)
         return result
 
+    # pending references and prune markers -------------------------------------------------
+    @contextmanager
+    def referencing(self, keys: Mapping[Modality, Iterable[str]],
+                    description: str = "") -> Iterator["PendingReference"]:
+        """Publish ``keys`` as a pending reference for the duration of the block: a concurrent
+        ``hilbert cache prune`` keeps those entries even though no feature set names them yet."""
+        reference = PendingReference(self, keys, description)
+        reference.write()
+        try:
+            yield reference
+        finally:
+            reference.remove()
+
+    def prunes_in_progress(self) -> list[str]:
+        """Names of the markers of prunes running now (stale markers of killed prunes left out)."""
+        cutoff = time.time() - PRUNE_MARKER_STALE_SECONDS
+        return [stored.name for stored in self.authority.stat_files(PENDING, recursive=False)
+                if stored.name.rsplit("/", 1)[-1].startswith(PRUNE_PREFIX) and stored.mtime >= cutoff]
+
+    def wait_for_prunes(self, log: Callable[[str], None] = print, poll_seconds: float = 0.5) -> None:
+        """Return once no prune is running: one that read the references before this process
+        published its pending reference may still be deleting entries this process counted as
+        present."""
+        running = self.prunes_in_progress()
+        if running:
+            log(f"waiting for {len(running)} `hilbert cache prune` in progress on {self.location_shown} "
+                f"({', '.join(running)})")
+        while running:
+            time.sleep(poll_seconds)
+            running = self.prunes_in_progress()
+
+    @property
+    def location_shown(self) -> str:
+        """The root for messages: its URI without options or credentials, or its path."""
+        return storage.shown(self.location)
+
     # housekeeping -------------------------------------------------------------------------
     def remove_stale_temporaries(self, older_than_seconds: float = STALE_TEMPORARY_SECONDS) -> int:
         """Delete temporary files left by killed writers (in the mirror, for a URI root); returns
@@ -352,3 +489,32 @@ class FeatureCache:
             except FileNotFoundError:
                 continue  # another process finished or removed it meanwhile
         return removed
+
+
+class PendingReference:
+    """Entry keys an extraction is about to name in a feature set, written to the cache before it
+    looks at which entries exist and deleted after its feature set is written.
+
+    A prune treats it as a reference while it is fresh; :meth:`keep_alive` rewrites it now and
+    then so a long extraction's stays fresh, and a killed extraction's expires.
+    """
+
+    def __init__(self, cache: FeatureCache, keys: Mapping[Modality, Iterable[str]], description: str = ""):
+        self.cache = cache
+        self.name = f"{PENDING}/{EXTRACTION_PREFIX}{_token()}.json"
+        payload = {"description": description, "host": socket.gethostname(), "pid": os.getpid(),
+                   "started": time.time(), **{m: sorted(set(keys.get(m, ()))) for m in MODALITIES}}
+        self._payload = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self._written = 0.0
+
+    def write(self) -> None:
+        self.cache.write_authoritative(self.name, self._payload)
+        self._written = time.monotonic()
+
+    def keep_alive(self) -> None:
+        """Rewrite the reference when its last write is getting old (cheap to call often)."""
+        if time.monotonic() - self._written > PENDING_REFRESH_SECONDS:
+            self.write()
+
+    def remove(self) -> None:
+        self.cache.delete_authoritative(self.name)

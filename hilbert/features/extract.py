@@ -6,12 +6,18 @@ them), each actor writes finished documents straight into the cache. Nothing is 
 a re-run is answered from the cache without starting Ray at all, and an interrupted run resumes
 at the first document whose entry is missing.
 
+A concurrent ``hilbert cache prune`` never takes an entry from under an extraction: before it
+looks at which entries exist, the extraction publishes every key its feature set will name (a
+pending reference), and before it writes the feature set it waits for prunes in progress and
+encodes again, once, whatever vanished meanwhile (the protocol: :mod:`hilbert.features.housekeeping`).
+
 :func:`encode_document_audio` and :func:`encode_document_text` are the per-document work, shared
 by the Ray actors and by plain loops (benchmarks, debugging), so both measure the same thing.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -96,6 +102,9 @@ class ExtractionReport:
     audio_seconds: float
     computed: dict[str, int] = field(default_factory=dict)
     reused: dict[str, int] = field(default_factory=dict)
+    # Entries present when planned but gone before the feature set was written (a prune that had
+    # read the references before this extraction published its own), encoded again.
+    reencoded: dict[str, int] = field(default_factory=dict)
     computed_segments: int = 0
     computed_audio_seconds: float = 0.0
     encode_wall_seconds: float = 0.0
@@ -150,55 +159,83 @@ def extract_features(
     fingerprints = {"audio": encoder_fingerprint("audio", audio_encoder),
                     "text": encoder_fingerprint("text", text_encoder)}
     specs = {"audio": audio_encoder, "text": text_encoder}
-    keys, jobs = _plan(manifest, cache, fingerprints)
+    keys = entry_keys(manifest, cache, fingerprints)
     report = ExtractionReport(
         documents=len(manifest), segments=sum(len(d.segments) for d in manifest),
         audio_seconds=sum(s.duration for d in manifest for s in d.segments))
-    for modality in MODALITIES:
-        report.computed[modality] = sum(1 for job in jobs if getattr(job, f"{modality}_key"))
-        report.reused[modality] = len(manifest) - report.computed[modality]
-
-    dims: dict[str, int] = {}
-    if jobs:
-        encode_started = time.perf_counter()
-        _run_on_ray(jobs, specs, cache, address=address, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
-                    use_gpu=use_gpu, documents_per_batch=documents_per_batch, progress=progress)
-        report.encode_wall_seconds = time.perf_counter() - encode_started
-        report.computed_segments = sum(len(job.spans) for job in jobs)
-        report.computed_audio_seconds = sum(job.audio_seconds for job in jobs)
-
-    for modality in MODALITIES:
-        stored = cache.present(modality, keys[modality].values())
-        missing = [doc_id for doc_id, k in keys[modality].items() if k not in stored]
-        if missing:
-            raise ExtractionError(f"{len(missing)} {modality} entries still missing after extraction, "
-                                  f"first doc_id {missing[0]!r}")
-        first_key = next(iter(keys[modality].values()))
-        dims[modality] = int(cache.get(modality, first_key).shape[1])
-
-    feature_set = FeatureSet(
-        manifest=str(manifest.path.resolve()), manifest_sha256=manifest_sha256(manifest),
-        audio_encoder=audio_encoder, text_encoder=text_encoder,
-        audio_fingerprint=fingerprints["audio"], text_fingerprint=fingerprints["text"],
-        audio_dim=dims["audio"], text_dim=dims["text"],
-        documents={d.doc_id: {"audio": keys["audio"][d.doc_id], "text": keys["text"][d.doc_id],
-                              "segments": len(d.segments)} for d in manifest})
-    written = cache.write_feature_set(feature_set)
+    encode = functools.partial(_run_on_ray, specs=specs, cache=cache, address=address, num_actors=num_actors,
+                               cpus_per_actor=cpus_per_actor, use_gpu=use_gpu,
+                               documents_per_batch=documents_per_batch, progress=progress)
+    with cache.referencing(keys, description=f"extraction of {manifest.path}") as reference:
+        jobs = _missing_jobs(manifest, cache, keys)  # only now: from here on a prune keeps these keys
+        for modality in MODALITIES:
+            report.computed[modality] = sum(1 for job in jobs if getattr(job, f"{modality}_key"))
+            report.reused[modality] = len(manifest) - report.computed[modality]
+        if jobs:
+            encode_started = time.perf_counter()
+            encode(jobs, keep_alive=reference.keep_alive)
+            report.encode_wall_seconds = time.perf_counter() - encode_started
+            report.computed_segments = sum(len(job.spans) for job in jobs)
+            report.computed_audio_seconds = sum(job.audio_seconds for job in jobs)
+        cache.wait_for_prunes(log)
+        _encode_vanished(manifest, cache, keys, report, encode, reference.keep_alive, log)
+        feature_set = FeatureSet(
+            manifest=str(manifest.path.resolve()), manifest_sha256=manifest_sha256(manifest),
+            audio_encoder=audio_encoder, text_encoder=text_encoder,
+            audio_fingerprint=fingerprints["audio"], text_fingerprint=fingerprints["text"],
+            **_dimensions_of_complete_entries(cache, keys),
+            documents={d.doc_id: {"audio": keys["audio"][d.doc_id], "text": keys["text"][d.doc_id],
+                                  "segments": len(d.segments)} for d in manifest})
+        written = cache.write_feature_set(feature_set)
     report.feature_set_path = written if cache.store is None else cache.feature_set_location(feature_set.id)
     report.feature_set = feature_set
     report.total_seconds = time.perf_counter() - started
     return report
 
 
-def _plan(manifest: Manifest, cache: FeatureCache, fingerprints: dict[str, dict[str, Any]]
-          ) -> tuple[dict[str, dict[str, str]], list[_Job]]:
-    """Every document's entry keys, and one job per document that misses any entry."""
+def entry_keys(manifest: Manifest, cache: FeatureCache, fingerprints: dict[str, dict[str, Any]]
+               ) -> dict[str, dict[str, str]]:
+    """modality -> doc_id -> entry key: what the feature set of ``manifest`` will name (audio is
+    hashed, memoised in ``cache``; no encoder is loaded)."""
     audio_hashes = cache.audio_sha256(sorted({d.audio_path for d in manifest}))
     keys: dict[str, dict[str, str]] = {m: {} for m in MODALITIES}
     for doc in manifest:
         spans = tuple((s.start, s.end) for s in doc.segments)
         keys["audio"][doc.doc_id] = audio_entry_key(audio_hashes[doc.audio_path], spans, fingerprints["audio"])
         keys["text"][doc.doc_id] = text_entry_key([s.text for s in doc.segments], fingerprints["text"])
+    return keys
+
+
+def _encode_vanished(manifest: Manifest, cache: FeatureCache, keys: dict[str, dict[str, str]],
+                     report: ExtractionReport, encode: Callable[..., None], keep_alive: Callable[[], None],
+                     log: Callable[[str], None]) -> None:
+    """Encode, once, entries that were there when planned and are gone now: a prune that read the
+    references before our pending reference was published may have deleted them."""
+    vanished = _missing_jobs(manifest, cache, keys)
+    if not vanished:
+        return
+    for modality in MODALITIES:
+        report.reencoded[modality] = sum(1 for job in vanished if getattr(job, f"{modality}_key"))
+    log(f"{len(vanished)} document(s) lost entries during extraction (a concurrent `hilbert cache prune`): "
+        "encoding them again")
+    encode(vanished, keep_alive=keep_alive)
+
+
+def _dimensions_of_complete_entries(cache: FeatureCache, keys: dict[str, dict[str, str]]) -> dict[str, int]:
+    """``audio_dim`` and ``text_dim``, after checking every entry is there."""
+    dims = {}
+    for modality in MODALITIES:
+        stored = cache.present(modality, keys[modality].values())
+        missing = [doc_id for doc_id, k in keys[modality].items() if k not in stored]
+        if missing:
+            raise ExtractionError(f"{len(missing)} {modality} entries still missing after extraction, "
+                                  f"first doc_id {missing[0]!r}")
+        dims[f"{modality}_dim"] = int(cache.get(modality, next(iter(keys[modality].values()))).shape[1])
+    return dims
+
+
+def _missing_jobs(manifest: Manifest, cache: FeatureCache, keys: dict[str, dict[str, str]]) -> list[_Job]:
+    """One job per document that misses any entry, longest first."""
     stored = {modality: cache.present(modality, keys[modality].values()) for modality in MODALITIES}
     jobs: list[_Job] = []
     for doc in manifest:
@@ -210,7 +247,7 @@ def _plan(manifest: Manifest, cache: FeatureCache, fingerprints: dict[str, dict[
                              tuple((s.start, s.end) for s in doc.segments), tuple(s.text for s in doc.segments)))
     # Longest documents first: the pool's tail then holds short documents, not one long straggler.
     jobs.sort(key=lambda job: -(job.audio_seconds + 1e-3 * sum(len(t) for t in job.texts)))
-    return keys, jobs
+    return jobs
 
 
 class EncodeAndStore:
@@ -260,7 +297,7 @@ class EncodeAndStore:
 
 def _run_on_ray(jobs: list[_Job], specs: dict[str, str], cache: FeatureCache, *, address: str | None,
                 num_actors: int | None, cpus_per_actor: float, use_gpu: bool | None,
-                documents_per_batch: int, progress: bool) -> None:
+                documents_per_batch: int, progress: bool, keep_alive: Callable[[], None] = lambda: None) -> None:
     import ray.data
 
     from hilbert.ray_runtime import connect
@@ -290,7 +327,7 @@ def _run_on_ray(jobs: list[_Job], specs: dict[str, str], cache: FeatureCache, *,
     )
     try:
         for _ in encoded.iter_batches(batch_size=None):
-            pass
+            keep_alive()
     except Exception as error:  # Ray wraps the actor's exception; keep its message, which names the doc
         cause = error.__cause__ or error
         raise ExtractionError(f"extraction with {specs['audio']!r} / {specs['text']!r} failed: {cause}") from error
