@@ -6,7 +6,9 @@ in the batch, ``D`` embedding width, ``C`` classes of a task.
 Under DDP the cross-modal terms use negatives from the global batch: ``hilbert_loss`` gathers the
 embeddings of every rank once (``all_gather_with_grad``) and computes each term on the gathered
 batch, so every rank computes the same value and, after DDP's gradient averaging, their
-gradients on W workers match one worker's on the global batch.
+gradients on W workers match one worker's on the global batch. Given the documents' identities
+(``document_ids``), a document that appears in several rows (``DistributedSampler`` pads the last
+round with repeats) is counted once, so it is never its own false negative.
 """
 
 from __future__ import annotations
@@ -34,46 +36,12 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    """Concatenate every rank's ``[n_r, ...]`` tensor along dim 0; ranks may differ in ``n_r``.
-
-    Backward sums the gradient of the gathered tensor over ranks and returns this rank's slice:
-    rank r's local rows receive the gradient of every rank's loss, not only its own.
-    """
-
-    @staticmethod
-    def forward(ctx, local: Tensor) -> Tensor:
-        sizes = _gather_sizes(local)
-        rank = dist.get_rank()
-        padded = local.new_zeros((max(sizes), *local.shape[1:]))
-        padded[: local.shape[0]] = local
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded)
-        parts = [part[:size] for part, size in zip(parts, sizes)]
-        parts[rank] = local
-        ctx.start, ctx.size = sum(sizes[:rank]), sizes[rank]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.start : ctx.start + ctx.size]
-
-
-def _gather_sizes(local: Tensor) -> list[int]:
-    size = torch.tensor([local.shape[0]], device=local.device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    return [int(s.item()) for s in sizes]
-
-
 def all_gather_with_grad(local: Tensor) -> Tensor:
-    """All ranks' rows of ``local`` ``[n, ...]`` -> ``[sum_r n_r, ...]``, in rank order.
+    """All ranks' rows of ``local`` ``[n, ...]`` -> ``[sum_r n_r, ...]``, in rank order; ranks may
+    differ in ``n_r``.
 
-    The values are those of ``torch.distributed.all_gather``; this rank's slice is ``local``
-    itself, so its gradient reaches the local graph. The backward pass all-reduces (sums) the
-    gradient over ranks before slicing: when every rank computes the same loss ``L`` on the
+    The gather is differentiable, and its backward sums the gradient of the gathered tensor over
+    ranks before handing each rank its rows: when every rank computes the same loss ``L`` on the
     gathered batch, each local row gets ``W * dL/dz``, and DDP's mean over ``W`` ranks gives
     parameter gradients identical to one process on the global batch, on the same scale as
     per-rank mean losses (the task loss). (open_clip's variant, which keeps only the local
@@ -84,16 +52,49 @@ def all_gather_with_grad(local: Tensor) -> Tensor:
     """
     if not _distributed():
         return local
-    return _AllGatherWithGrad.apply(local)
+    sizes = _gather_sizes(local)
+    # The collective needs the same shape on every rank (gloo aborts the process otherwise):
+    # pad to the largest, gather, cut each rank's padding off again.
+    padded = torch.cat([local, local.new_zeros((max(sizes) - local.shape[0], *local.shape[1:]))])
+    parts = _differentiable_all_gather()(padded.contiguous(), 0, dist.group.WORLD).chunk(len(sizes))
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
-def _maybe_gather(*tensors: Tensor, gather: bool) -> tuple[Tensor, ...]:
-    if not (gather and _distributed()):
-        return tensors
-    # one collective for all of them: stack along features, gather, split back
-    widths = [t.shape[-1] for t in tensors]
-    gathered = all_gather_with_grad(torch.cat([t.float() for t in tensors], dim=-1))
-    return tuple(gathered.split(widths, dim=-1))
+def _differentiable_all_gather() -> Callable[..., Tensor]:
+    """PyTorch's all-gather with autograd; its backward is the sum over ranks (a reduce-scatter).
+
+    ``torch.distributed.nn.functional.all_gather`` computes the same, but torch 2.14 deprecates it
+    in favour of this one. Imported here, not at the top: builds without distributed support
+    lack the module, and single-process use never gets this far.
+    """
+    from torch.distributed import _functional_collectives as collectives
+
+    # older torch (pyproject allows >= 2.9) calls it all_gather_tensor_autograd, now a deprecated alias
+    return getattr(collectives, "all_gather_single_autograd", None) or collectives.all_gather_tensor_autograd
+
+
+def _gather_sizes(local: Tensor) -> list[int]:
+    size = torch.tensor([local.shape[0]], device=local.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s.item()) for s in sizes]
+
+
+def _global_batch(*tensors: Tensor, gather: bool, document_ids: Tensor | None) -> tuple[Tensor, ...]:
+    """The rows a cross-modal term is computed on: every rank's (``gather`` under DDP), and each
+    document once (the first of its rows, when ``document_ids`` are given)."""
+    if gather and _distributed():
+        # one collective for all of them: stack along features, gather, split back
+        widths = [t.shape[-1] for t in tensors]
+        gathered = all_gather_with_grad(torch.cat([t.float() for t in tensors], dim=-1))
+        tensors = gathered.split(widths, dim=-1)
+        if document_ids is not None:
+            document_ids = all_gather_with_grad(document_ids.to(gathered.device))
+    if document_ids is None:
+        return tuple(tensors)
+    ids = document_ids.to(tensors[0].device)
+    first_copy = ~(ids[:, None] == ids[None, :]).tril(diagonal=-1).any(dim=1)
+    return tuple(t[first_copy] for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +109,9 @@ class JointAlignmentLoss(NamedTuple):
     text_joint: Tensor
 
 
-def info_nce(x: Tensor, y: Tensor, temperature: Tensor | float, gather: bool = False) -> Tensor:
+def info_nce(
+    x: Tensor, y: Tensor, temperature: Tensor | float, gather: bool = False, document_ids: Tensor | None = None
+) -> Tensor:
     """Symmetric InfoNCE between paired rows of ``x`` and ``y`` (CLIP's loss).
 
     ``S_ij = <x_i / |x_i|, y_j / |y_j|> / temperature`` and, with ``CE`` the mean cross entropy
@@ -121,10 +124,14 @@ def info_nce(x: Tensor, y: Tensor, temperature: Tensor | float, gather: bool = F
         y: ``[N, D']`` embeddings of the paired view, ``D' == D``.
         temperature: scalar (float or 0-dim tensor, e.g. ``LearnableTemperature()``).
         gather: take negatives from every rank (``all_gather_with_grad``); no-op without DDP.
+        document_ids: ``[N]`` integer identity of each row's document (a batch's ``"index"``).
+            Rows of one document are the same positive pair, and each would be the other's
+            false negative: only the first row of each document is kept, so the loss is that
+            of the distinct documents (each counted once as a positive and once as a negative).
     Returns:
         0-dim float32 tensor.
     """
-    x, y = _maybe_gather(x, y, gather=gather)
+    x, y = _global_batch(x, y, gather=gather, document_ids=document_ids)
     x = F.normalize(x.float(), dim=-1)
     y = F.normalize(y.float(), dim=-1)
     logits = x @ y.T / temperature
@@ -133,7 +140,12 @@ def info_nce(x: Tensor, y: Tensor, temperature: Tensor | float, gather: bool = F
 
 
 def dual_contrastive_loss(
-    z_a: Tensor, z_t: Tensor, z_j: Tensor, temperature: Tensor | float, gather: bool = False
+    z_a: Tensor,
+    z_t: Tensor,
+    z_j: Tensor,
+    temperature: Tensor | float,
+    gather: bool = False,
+    document_ids: Tensor | None = None,
 ) -> JointAlignmentLoss:
     """HILBERT's reciprocal dual contrastive loss: ``InfoNCE(a, j) + InfoNCE(t, j)``.
 
@@ -146,16 +158,19 @@ def dual_contrastive_loss(
         z_j: ``[N, D]`` joint (cross-attentive) document embeddings.
         temperature: scalar shared by both terms.
         gather: negatives from every rank (see ``info_nce``).
+        document_ids: ``[N]``, each document counted once (see ``info_nce``).
     Returns:
         ``JointAlignmentLoss(total, audio_joint, text_joint)``, 0-dim tensors.
     """
-    z_a, z_t, z_j = _maybe_gather(z_a, z_t, z_j, gather=gather)
+    z_a, z_t, z_j = _global_batch(z_a, z_t, z_j, gather=gather, document_ids=document_ids)
     audio_joint = info_nce(z_a, z_j, temperature)
     text_joint = info_nce(z_t, z_j, temperature)
     return JointAlignmentLoss(audio_joint + text_joint, audio_joint, text_joint)
 
 
-def pairwise_contrastive_loss(z_a: Tensor, z_t: Tensor, temperature: Tensor | float, gather: bool = False) -> Tensor:
+def pairwise_contrastive_loss(
+    z_a: Tensor, z_t: Tensor, temperature: Tensor | float, gather: bool = False, document_ids: Tensor | None = None
+) -> Tensor:
     """The CLIP/CLAP baseline: ``InfoNCE(a, t)``, audio aligned directly with text.
 
     Args:
@@ -163,10 +178,11 @@ def pairwise_contrastive_loss(z_a: Tensor, z_t: Tensor, temperature: Tensor | fl
         z_t: ``[N, D]`` text document embeddings.
         temperature: scalar.
         gather: negatives from every rank (see ``info_nce``).
+        document_ids: ``[N]``, each document counted once (see ``info_nce``).
     Returns:
         0-dim tensor.
     """
-    return info_nce(z_a, z_t, temperature, gather=gather)
+    return info_nce(z_a, z_t, temperature, gather=gather, document_ids=document_ids)
 
 
 class LearnableTemperature(nn.Module):
@@ -203,7 +219,14 @@ class LearnableTemperature(nn.Module):
 # CKA
 
 
-def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False, eps: float = 1e-12, gather: bool = False) -> Tensor:
+def linear_cka(
+    x: Tensor,
+    y: Tensor,
+    unbiased: bool = False,
+    eps: float = 1e-12,
+    gather: bool = False,
+    document_ids: Tensor | None = None,
+) -> Tensor:
     """Minibatch linear CKA (Kornblith et al. 2019) between two representations of ``N`` examples.
 
     Biased: with column-centred ``X``, ``Y``,
@@ -221,10 +244,12 @@ def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False, eps: float = 1e-12,
         unbiased: use the unbiased HSIC estimator.
         eps: floor for the denominator's factors.
         gather: compute over every rank's examples (see ``all_gather_with_grad``).
+        document_ids: ``[N]``; a repeated document would weigh twice in the centring and in
+            HSIC, so only its first row is kept (see ``info_nce``).
     Returns:
         0-dim float32 tensor.
     """
-    x, y = _maybe_gather(x, y, gather=gather)
+    x, y = _global_batch(x, y, gather=gather, document_ids=document_ids)
     n = x.shape[0]
     if unbiased and n < 4:
         raise ValueError(
@@ -259,14 +284,21 @@ def _unbiased_hsic(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741
     return (trace + sums - cross) / (n * (n - 3))
 
 
-def cka_loss(z_a: Tensor, z_t: Tensor, z_j: Tensor, unbiased: bool = True, gather: bool = False) -> JointAlignmentLoss:
+def cka_loss(
+    z_a: Tensor,
+    z_t: Tensor,
+    z_j: Tensor,
+    unbiased: bool = True,
+    gather: bool = False,
+    document_ids: Tensor | None = None,
+) -> JointAlignmentLoss:
     """Structure-preservation loss: ``(1 - CKA(a, j)) + (1 - CKA(t, j))``.
 
     Keeps the similarity structure of each modality's document embeddings visible in the
     joint space. Args as in ``linear_cka``; ``z_a``, ``z_t``, ``z_j`` are ``[N, D]``.
     Returns ``JointAlignmentLoss(total, audio_joint, text_joint)`` with parts ``1 - CKA``.
     """
-    z_a, z_t, z_j = _maybe_gather(z_a, z_t, z_j, gather=gather)
+    z_a, z_t, z_j = _global_batch(z_a, z_t, z_j, gather=gather, document_ids=document_ids)
     audio_joint = 1 - linear_cka(z_a, z_j, unbiased=unbiased)
     text_joint = 1 - linear_cka(z_t, z_j, unbiased=unbiased)
     return JointAlignmentLoss(audio_joint + text_joint, audio_joint, text_joint)
@@ -285,7 +317,8 @@ def infonce_gap(
     """``(L_aj - L_tj)^2`` with ``L_xj = InfoNCE(x, j)``.
 
     ``I(x; j) >= log N - L_xj``, so the gap between the two bounds on the information that
-    reaches the joint embedding from audio and from text is ``L_tj - L_aj`` (``log N`` cancels).
+    reaches the joint embedding from audio and from text is ``L_tj - L_aj`` (``log N`` cancels):
+    the squared gap of ``information_balance``'s bounds before their clamp.
     """
     return (info_nce(z_a, z_j, temperature) - info_nce(z_t, z_j, temperature)).square()
 
@@ -324,8 +357,14 @@ def information_balance_loss(
     estimator: str | BalanceEstimator = "infonce_gap",
     unbiased_cka: bool = True,
     gather: bool = False,
+    document_ids: Tensor | None = None,
 ) -> Tensor:
     """Penalty on unequal information flow from audio and from text into the joint embedding.
+
+    The estimators compare how well ``z_a`` and ``z_t`` each match ``z_j``. That is the flow
+    from each modality only when ``z_a`` and ``z_t`` are modality-specific (the model's
+    ``streams="separate"``); with ``streams="shared"`` both have read both modalities, and the
+    term equalises two mixed views instead.
 
     Args:
         z_a, z_t, z_j: ``[N, D]`` audio, text and joint document embeddings.
@@ -333,6 +372,7 @@ def information_balance_loss(
         estimator: a name in ``BALANCE_ESTIMATORS`` or a function with the same signature.
         unbiased_cka: for the CKA-based estimator.
         gather: over every rank's documents (see ``all_gather_with_grad``).
+        document_ids: ``[N]``, each document counted once (see ``info_nce``).
     Returns:
         0-dim tensor, 0 when balanced.
     """
@@ -340,8 +380,61 @@ def information_balance_loss(
         if estimator not in BALANCE_ESTIMATORS:
             raise ValueError(f"unknown balance estimator {estimator!r}; choose from {sorted(BALANCE_ESTIMATORS)}")
         estimator = BALANCE_ESTIMATORS[estimator]
-    z_a, z_t, z_j = _maybe_gather(z_a, z_t, z_j, gather=gather)
+    z_a, z_t, z_j = _global_batch(z_a, z_t, z_j, gather=gather, document_ids=document_ids)
     return estimator(z_a, z_t, z_j, temperature=temperature, unbiased_cka=unbiased_cka)
+
+
+class InformationBalance(NamedTuple):
+    """Lower bounds (nats) on what the joint embedding holds about each modality, and their imbalance."""
+
+    audio: Tensor  # B_a
+    text: Tensor  # B_t
+    imbalance: Tensor  # |B_a - B_t| / log N, in [0, 1]
+
+
+def information_balance(
+    z_a: Tensor, z_t: Tensor, z_j: Tensor, temperature: Tensor | float, document_ids: Tensor | None = None
+) -> InformationBalance:
+    """How much of each modality reaches the joint embedding, estimated from the InfoNCE bound.
+
+    ``B_m = clamp(log N - InfoNCE(z_m, z_j), 0, log N)`` for ``m`` in audio, text, and
+    ``imbalance = |B_a - B_t| / log N``.
+
+    ``log N - InfoNCE(z_m, z_j)`` is a lower bound on ``I(z_m; z_j)`` (van den Oord et al. 2018).
+    When ``z_m`` is a function of modality ``m``'s segments alone (the model's
+    ``streams="separate"``), the data processing inequality makes it a lower bound on what the
+    joint embedding holds about those segments as well. The bound never exceeds ``log N``
+    (InfoNCE >= 0) and information is never negative, hence the clamp; so ``imbalance`` is in
+    ``[0, 1]``: 0 when both modalities reach the joint embedding equally, near 1 when it copies
+    one modality and holds nothing of the other. Read it with ``B_a`` and ``B_t``: two empty
+    bounds are balanced too. With ``streams="shared"`` both embeddings have read both
+    modalities, and the bounds no longer tell them apart.
+
+    Args:
+        z_a, z_t, z_j: ``[N, D]`` audio, text and joint document embeddings, ``N >= 2``.
+        temperature: the trained temperature (the bound depends on it).
+        document_ids: ``[N]``, each document counted once (see ``info_nce``).
+    Returns:
+        ``InformationBalance(audio, text, imbalance)``, 0-dim float32 tensors.
+    """
+    z_a, z_t, z_j = _global_batch(z_a, z_t, z_j, gather=False, document_ids=document_ids)
+    if z_j.shape[0] < 2:
+        raise ValueError(f"information_balance needs at least 2 documents, got {z_j.shape[0]}")
+    log_n = math.log(z_j.shape[0])
+    audio, text = ((log_n - info_nce(z, z_j, temperature)).clamp(0.0, log_n) for z in (z_a, z_t))
+    return InformationBalance(audio, text, (audio - text).abs() / log_n)
+
+
+def joint_attention_share(joint_pooling: Tensor) -> Tensor:
+    """The joint pooling's attention mass on each modality's stream: ``[n_modalities]``, sums to 1.
+
+    ``share_m = mean_{b, h} sum_s A[b, h, m, s]`` for ``A`` the model's ``joint_pooling``
+    ``[B, heads, n_modalities, S]`` (each head's weights sum to 1 over both streams). It shows,
+    for free, which stream the joint embedding reads. Each cross-attended stream also carries
+    the other modality, so this is where the joint embedding looks, not where its information
+    came from: ``information_balance`` estimates that.
+    """
+    return joint_pooling.float().sum(dim=-1).mean(dim=(0, 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,6 +565,7 @@ def hilbert_loss(
     config: LossConfig,
     temperature: Tensor | float | None = None,
     class_weights: dict[str, Tensor] | None = None,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``total = task + l_c * alignment + l_cka * cka + l_b * balance + l_moe * load_balance``.
 
@@ -484,6 +578,8 @@ def hilbert_loss(
         temperature: scalar; ``config.temperature`` (fixed) when None. Pass
             ``LearnableTemperature()`` to learn it, or use ``HilbertObjective``.
         class_weights: task -> ``[C_task]``.
+        document_ids: ``[N]`` dataset index of each document (a batch's ``"index"``): in the
+            cross-modal terms a document repeated in the (global) batch is counted once.
     Returns:
         ``(total, components)``: ``total`` 0-dim with gradient; ``components`` name -> detached
         0-dim tensor for logging (``total``, ``task``, ``task/<name>``, ``labelled/<name>``,
@@ -499,7 +595,7 @@ def hilbert_loss(
     components.update({f"labelled/{name}": count for name, count in task.labelled.items()})
     if output.audio_embedding is not None and output.text_embedding is not None:
         cross_modal, cross_components = cross_modal_loss(
-            output.audio_embedding, output.text_embedding, output.joint_embedding, config, temperature
+            output.audio_embedding, output.text_embedding, output.joint_embedding, config, temperature, document_ids
         )
         total = total + cross_modal
         components.update(cross_components)
@@ -512,13 +608,19 @@ def hilbert_loss(
 
 
 def cross_modal_loss(
-    z_a: Tensor, z_t: Tensor, z_j: Tensor, config: LossConfig, temperature: Tensor | float
+    z_a: Tensor,
+    z_t: Tensor,
+    z_j: Tensor,
+    config: LossConfig,
+    temperature: Tensor | float,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The weighted alignment, CKA and balance terms, on the global batch when ``config.gather``.
 
-    ``z_a``, ``z_t``, ``z_j``: ``[N, D]``. Returns ``(weighted sum, components)``.
+    ``z_a``, ``z_t``, ``z_j``: ``[N, D]``; ``document_ids`` ``[N]`` counts each document once
+    (see ``info_nce``). Returns ``(weighted sum, components)``.
     """
-    z_a, z_t, z_j = _maybe_gather(z_a, z_t, z_j, gather=config.gather)
+    z_a, z_t, z_j = _global_batch(z_a, z_t, z_j, gather=config.gather, document_ids=document_ids)
     components = {}
     if config.alignment == "dual":
         dual = dual_contrastive_loss(z_a, z_t, z_j, temperature)
@@ -558,5 +660,7 @@ class HilbertObjective(nn.Module):
         )
         self.class_weights = class_weights
 
-    def forward(self, output: HilbertOutput, labels: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        return hilbert_loss(output, labels, self.config, self.temperature(), self.class_weights)
+    def forward(
+        self, output: HilbertOutput, labels: dict[str, Tensor], document_ids: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        return hilbert_loss(output, labels, self.config, self.temperature(), self.class_weights, document_ids)

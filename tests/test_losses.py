@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from hilbert.losses import (
     BALANCE_ESTIMATORS,
     HilbertObjective,
+    InformationBalance,
     LearnableTemperature,
     LossConfig,
     all_gather_with_grad,
@@ -18,12 +18,14 @@ from hilbert.losses import (
     dual_contrastive_loss,
     hilbert_loss,
     info_nce,
+    information_balance,
     information_balance_loss,
+    joint_attention_share,
     linear_cka,
     masked_task_loss,
     pairwise_contrastive_loss,
 )
-from hilbert.model import HilbertModel, HilbertModelConfig, HilbertOutput
+from hilbert.model import HilbertOutput
 
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
@@ -245,6 +247,43 @@ def test_balance_estimator_may_be_a_function_and_unknown_names_are_rejected():
         information_balance_loss(*z.unbind(0), 0.1, estimator="kraskov")
 
 
+def test_information_balance_is_near_one_when_the_joint_copies_one_modality_and_near_zero_when_balanced():
+    torch.manual_seed(0)
+    n, d = 16, 64
+    z_a, z_t = torch.randn(n, d), torch.randn(n, d)
+    log_n = math.log(n)
+    copies_audio = information_balance(z_a, z_t, z_a.clone(), 0.1)
+    assert copies_audio.audio.item() == pytest.approx(log_n, rel=1e-2)  # all log N nats about audio
+    assert copies_audio.text.item() < 0.05 * log_n
+    assert copies_audio.imbalance.item() > 0.95
+    assert information_balance(z_a, z_t, z_t.clone(), 0.1).imbalance.item() > 0.95
+    balanced = information_balance(z_a, z_t, F.normalize(z_a, dim=-1) + F.normalize(z_t, dim=-1), 0.1)
+    assert min(balanced.audio.item(), balanced.text.item()) > 0.95 * log_n
+    assert balanced.imbalance.item() < 0.02
+
+
+def test_information_balance_bounds_are_the_infonce_bounds_whose_squared_gap_is_the_balance_penalty():
+    torch.manual_seed(0)
+    z_a, z_t = torch.randn(16, 64), torch.randn(16, 64)
+    z_j = F.normalize(z_a, dim=-1) + 0.3 * F.normalize(z_t, dim=-1)  # mostly audio
+    balance = information_balance(z_a, z_t, z_j, 0.1)
+    assert isinstance(balance, InformationBalance)
+    log_n = math.log(16)
+    assert balance.audio.item() == pytest.approx(log_n - info_nce(z_a, z_j, 0.1).item(), rel=1e-6)
+    assert balance.text.item() == pytest.approx(log_n - info_nce(z_t, z_j, 0.1).item(), rel=1e-6)
+    assert 0 < balance.text.item() < balance.audio.item() < log_n  # neither clamped
+    penalty = information_balance_loss(z_a, z_t, z_j, 0.1, estimator="infonce_gap")
+    assert penalty.item() == pytest.approx((balance.imbalance.item() * log_n) ** 2, rel=1e-5)
+
+
+def test_joint_attention_share_is_the_attention_mass_on_each_stream():
+    reads_audio = torch.zeros(4, 3, 2, 5)
+    reads_audio[:, :, 0, :] = 0.2  # every head's weights: all on the audio stream
+    torch.testing.assert_close(joint_attention_share(reads_audio), torch.tensor([1.0, 0.0]))
+    uniform = torch.full((4, 3, 2, 5), 0.1)
+    torch.testing.assert_close(joint_attention_share(uniform), torch.tensor([0.5, 0.5]))
+
+
 # ---------------------------------------------------------------------------- task loss
 
 
@@ -369,7 +408,59 @@ def test_objective_learns_its_temperature_and_config_errors_name_the_field():
         LossConfig(balance_estimator="mine")
 
 
+# ---------------------------------------------------------------------------- repeated documents
+
+
+def info_nce_by_hand(x: torch.Tensor, y: torch.Tensor, temperature: float) -> float:
+    """docs/losses.md's symmetric InfoNCE, in Python floats."""
+    n = len(x)
+    s = [[float(F.normalize(x[i], dim=0) @ F.normalize(y[k], dim=0)) / temperature for k in range(n)]
+         for i in range(n)]
+    rows = sum(-s[i][i] + math.log(sum(math.exp(s[i][k]) for k in range(n))) for i in range(n)) / n
+    columns = sum(-s[k][k] + math.log(sum(math.exp(s[i][k]) for i in range(n))) for k in range(n)) / n
+    return (rows + columns) / 2
+
+
+def test_a_repeated_document_is_not_its_own_false_negative_and_counts_once():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    y = x + 0.1 * torch.randn(4, 8)
+    ids = torch.tensor([10, 11, 12, 13, 11])  # document 11 twice, as DistributedSampler pads
+    x_repeated, y_repeated = torch.cat([x, x[1:2]]), torch.cat([y, y[1:2]])
+    distinct = info_nce_by_hand(x, y, 0.1)
+    assert info_nce(x_repeated, y_repeated, 0.1, document_ids=ids).item() == pytest.approx(distinct, rel=1e-5)
+    # without the identities each copy's positive score is the other copy's negative
+    naive = info_nce(x_repeated, y_repeated, 0.1).item()
+    assert naive == pytest.approx(info_nce_by_hand(x_repeated, y_repeated, 0.1), rel=1e-5)
+    assert naive > distinct + 0.1
+    # copies that differ (dropout) count once too: the first is kept
+    second_copy_differs = torch.cat([x, x[1:2] + torch.randn(1, 8)])
+    assert info_nce(second_copy_differs, y_repeated, 0.1, document_ids=ids).item() == pytest.approx(distinct, rel=1e-5)
+
+
+def test_a_repeated_document_counts_once_in_every_cross_modal_term():
+    output = fake_output(requires_grad=False)
+    labels = {"diagnosis": torch.tensor([0, 1, 2, -1, 0, 1, 2, 0]), "severity": torch.tensor([1, 0] * 4)}
+    repeat = [*range(8), 2, 5]
+    repeated = fake_output(requires_grad=False)
+    for name in ("audio_embedding", "text_embedding", "joint_embedding"):
+        setattr(repeated, name, getattr(output, name)[repeat])
+    repeated.logits = {task: value[repeat] for task, value in output.logits.items()}
+    repeated_labels = {task: value[repeat] for task, value in labels.items()}
+    config = LossConfig(balance_estimator="cka_gap")
+    _, expected = hilbert_loss(output, labels, config)
+    _, parts = hilbert_loss(repeated, repeated_labels, config, document_ids=torch.tensor(repeat))
+    for name in ("contrastive", "contrastive/audio_joint", "contrastive/text_joint", "cka", "cka/audio_joint",
+                 "cka/text_joint", "balance"):
+        assert parts[name].item() == pytest.approx(expected[name].item(), rel=1e-5, abs=1e-7), name
+    _, uncounted = hilbert_loss(repeated, repeated_labels, config)
+    assert uncounted["cka"].item() != pytest.approx(expected["cka"].item(), rel=1e-3)
+
+
 # ---------------------------------------------------------------------------- distributed
+
+
+# Two-process (gloo) checks of the gather and of repeated documents: tests/test_ddp_losses.py.
 
 
 def test_all_gather_with_grad_is_a_no_op_without_distributed():
@@ -379,64 +470,3 @@ def test_all_gather_with_grad_is_a_no_op_without_distributed():
     assert gathered is x
     gathered.sum().backward()
     torch.testing.assert_close(x.grad, torch.ones(4, 3))
-
-
-def _tiny_model_config() -> HilbertModelConfig:
-    return HilbertModelConfig(
-        audio_dim=10, text_dim=6, tasks={"diagnosis": 3, "severity": 2}, d_model=16, d_embed=8, n_heads=2,
-        n_cross_layers=1, pooling_heads=2, dropout=0.0, n_experts=2, expert_hidden=8,
-    )
-
-
-def _global_batch(n: int = 8, segments: int = 5):
-    g = torch.Generator().manual_seed(1)
-    mask = torch.ones(n, segments, dtype=torch.bool)
-    mask[1, 3:] = mask[6, 2:] = False
-    labels = {"diagnosis": torch.randint(0, 3, (n,), generator=g), "severity": torch.randint(0, 2, (n,), generator=g)}
-    return torch.randn(n, segments, 10, generator=g), torch.randn(n, segments, 6, generator=g), mask, labels
-
-
-def _distributed_worker(rank: int, world: int, init_file: str):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        # gathered values and gradients with unequal local batch sizes
-        sizes = [3, 5]
-        full = torch.arange(8 * 2, dtype=torch.float32).view(8, 2)
-        local = full[sum(sizes[:rank]) : sum(sizes[: rank + 1])].clone().requires_grad_()
-        gathered = all_gather_with_grad(local)
-        torch.testing.assert_close(gathered, full)
-        weights = torch.linspace(-1, 1, 16).view(8, 2)
-        (gathered * weights).sum().backward()  # the same loss on every rank
-        torch.testing.assert_close(local.grad, world * weights[sum(sizes[:rank]) : sum(sizes[: rank + 1])])
-
-        # the whole objective: W ranks with gather + DDP-style gradient mean == one process
-        torch.manual_seed(0)
-        model = HilbertModel(_tiny_model_config())
-        config = LossConfig(lambda_moe=0.0, lambda_cka=0.5, lambda_balance=0.5)
-        objective = HilbertObjective(config)
-        audio, text, mask, labels = _global_batch()
-        parameters = [*model.parameters(), *objective.parameters()]
-
-        one_process = LossConfig(**{**vars(config), "gather": False})
-        reference, _ = hilbert_loss(model(audio, text, mask), labels, one_process, objective.temperature())
-        reference_grads = torch.autograd.grad(reference, parameters, allow_unused=True)
-
-        rows = slice(4 * rank, 4 * (rank + 1))
-        local_labels = {task: value[rows] for task, value in labels.items()}
-        loss, _ = objective(model(audio[rows], text[rows], mask[rows]), local_labels)
-        grads = torch.autograd.grad(loss, parameters, allow_unused=True)
-        for grad, expected in zip(grads, reference_grads):
-            grad = torch.zeros_like(expected) if grad is None else grad.clone()
-            dist.all_reduce(grad)
-            torch.testing.assert_close(grad / world, expected, atol=2e-5, rtol=1e-4)
-        # the loss itself differs by the local task loss only: the cross-modal part is global
-        assert torch.isfinite(loss)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_process_gather_matches_one_process_on_the_global_batch(tmp_path):
-    init_file = str(tmp_path / "rendezvous")
-    mp.spawn(_distributed_worker, args=(2, init_file), nprocs=2, join=True)

@@ -1,13 +1,17 @@
 """Behaviour of the HILBERT model (hilbert/model) on tiny randomly initialised instances."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
-from hilbert.losses import HilbertObjective, LossConfig
+from hilbert.features.batches import LabelMaps
+from hilbert.losses import HilbertObjective, LossConfig, joint_attention_share
 from hilbert.model import HilbertModel, HilbertModelConfig
 from hilbert.model.moe import importance_cv_squared, switch_load_balance
+from hilbert.train.checkpoint import CheckpointInfo, load_model, save_checkpoint
+from hilbert.train.config import TrainConfig
 
 AUDIO_DIM, TEXT_DIM = 24, 10  # deliberately unequal, like 1024-wide speech vs 384-wide text
 TASKS = {"diagnosis": 3, "severity": 2}
@@ -56,6 +60,70 @@ def test_output_shapes_and_pooling_weights_are_distributions_over_real_segments(
         assert weights.masked_select(~mask[:, None, :]).abs().max() == 0
     torch.testing.assert_close(out.joint_pooling.sum((-2, -1)), torch.ones(4, 3))
     assert out.joint_pooling.masked_select(~mask[:, None, None, :]).abs().max() == 0
+    torch.testing.assert_close(joint_attention_share(out.joint_pooling).sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("changed, unchanged", [("text", "audio"), ("audio", "text")])
+def test_each_modality_embedding_sees_only_its_own_modality_and_the_joint_sees_both(changed, unchanged):
+    model = HilbertModel(tiny_config()).eval()
+    audio, text, mask, _ = batch()
+    inputs = {"audio": audio, "text": text}
+    edited = dict(inputs)
+    edited[changed] = inputs[changed].clone()
+    edited[changed][0] = torch.randn_like(edited[changed][0])  # document 0's other modality only
+    with torch.no_grad():
+        before, after = model(inputs["audio"], inputs["text"], mask), model(edited["audio"], edited["text"], mask)
+    assert torch.equal(getattr(after, f"{unchanged}_embedding"), getattr(before, f"{unchanged}_embedding"))
+    assert torch.equal(getattr(after, f"{unchanged}_pooling"), getattr(before, f"{unchanged}_pooling"))
+    for name in (f"{changed}_embedding", "joint_embedding"):
+        assert (getattr(after, name)[0] - getattr(before, name)[0]).abs().max() > 1e-3, name
+        torch.testing.assert_close(getattr(after, name)[1:], getattr(before, name)[1:])  # other documents
+
+
+def test_shared_streams_pool_the_modality_embeddings_after_cross_attention():
+    model = HilbertModel(tiny_config(streams="shared")).eval()
+    assert len(model.self_encoders) == 0
+    audio, text, mask, _ = batch()
+    other_text = text.clone()
+    other_text[0] = torch.randn_like(other_text[0])
+    with torch.no_grad():
+        before, after = model(audio, text, mask), model(audio, other_text, mask)
+    assert (after.audio_embedding[0] - before.audio_embedding[0]).abs().max() > 1e-3  # audio has read the text
+
+
+def test_checkpoint_saved_before_streams_existed_loads_as_the_shared_stream_model(tmp_path):
+    config = tiny_config(streams="shared", dropout=0.0)
+    model = HilbertModel(config).eval()
+    folder = save_checkpoint(tmp_path / "old", model, CheckpointInfo(config, LabelMaps({"diagnosis": ("a", "b", "c"),
+                                                                                        "severity": ("lo", "hi")})))
+    saved = json.loads((folder / "checkpoint.json").read_text())
+    for added in ("streams", "n_self_layers"):  # what a config written before these fields holds
+        del saved["model"][added]
+    (folder / "checkpoint.json").write_text(json.dumps(saved))
+    loaded, info = load_model(folder)  # strict load_state_dict: the weights fit
+    assert info.model.streams == "shared"
+    audio, text, mask, _ = batch()
+    with torch.no_grad():
+        expected, out = model(audio, text, mask), loaded(audio, text, mask)
+    for name in ("audio_embedding", "text_embedding", "joint_embedding"):
+        torch.testing.assert_close(getattr(out, name), getattr(expected, name), atol=0, rtol=0)
+    # a checkpoint that names its streams keeps them
+    separate = tiny_config()
+    folder = save_checkpoint(tmp_path / "new", HilbertModel(separate), CheckpointInfo(separate, info.label_maps))
+    assert load_model(folder)[1].model.streams == "separate"
+
+
+def test_ablation_variants_select_the_shared_streams_and_turn_the_contrastive_term_off():
+    base = TrainConfig()
+    shared = base.variant("shared_streams").model_config(AUDIO_DIM, TEXT_DIM, TASKS)
+    assert shared.streams == "shared" and base.model_config(AUDIO_DIM, TEXT_DIM, TASKS).streams == "separate"
+    no_contrastive = base.variant("no_contrastive").loss
+    model = HilbertModel(tiny_config()).eval()
+    audio, text, mask, labels = batch()
+    with torch.no_grad():
+        total, parts = HilbertObjective(no_contrastive)(model(audio, text, mask), labels)
+    expected = parts["task"] + 0.1 * parts["cka"] + 0.1 * parts["balance"] + 0.01 * parts["load_balance"]
+    assert parts["contrastive"].item() > 0 and total.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_moe_gate_probabilities_sum_to_one():
@@ -131,8 +199,13 @@ def test_gradient_reaches_every_parameter_through_the_full_objective():
         ({"modality": "audio"}, {}),
         ({"modality": "text"}, {}),
         ({"n_cross_layers": 0, "moe_balance": "cv2"}, {"balance_estimator": "cka_gap", "unbiased_cka": False}),
+        ({"streams": "shared"}, {}),
+        ({"n_self_layers": 0, "n_cross_layers": 1}, {}),
+        ({"modality": "audio", "streams": "shared"}, {}),
+        ({}, {"lambda_contrastive": 0.0}),
     ],
-    ids=["pairwise", "linear-head", "audio-only", "text-only", "no-cross-layers"],
+    ids=["pairwise", "linear-head", "audio-only", "text-only", "no-cross-layers", "shared-streams", "no-self-layers",
+         "audio-only-shared", "no-contrastive"],
 )
 def test_ablations_run_forward_and_backward(model_overrides, loss_overrides):
     torch.manual_seed(0)
@@ -210,6 +283,8 @@ def test_bad_inputs_are_rejected_with_a_message_that_says_what_to_fix():
         ({"tasks": {"diagnosis": 1}}, r"HilbertModelConfig.tasks\['diagnosis'\]"),
         ({"n_experts": 0}, "HilbertModelConfig.n_experts"),
         ({"dropout": 1.5}, "HilbertModelConfig.dropout"),
+        ({"streams": "mixed"}, "HilbertModelConfig.streams"),
+        ({"n_self_layers": -1}, "HilbertModelConfig.n_self_layers"),
     ],
 )
 def test_config_errors_name_the_field(overrides, field):

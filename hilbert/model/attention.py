@@ -1,4 +1,5 @@
-"""Attention over document segments: cross-modal attention and self-attentive pooling.
+"""Attention over document segments: self-attention within a modality, cross-modal attention
+between modalities, and self-attentive pooling.
 
 Every tensor here is a batch of documents laid out as segments: ``[B, S, d]`` with a boolean
 ``mask`` ``[B, S]`` that is True on real segments. Padded segments are never read: they are
@@ -147,6 +148,24 @@ class CrossModalLayer(nn.Module):
     def _context_of(self, modality: str) -> str:
         others = [m for m in self.blocks if m != modality]
         return others[0] if others else modality
+
+
+class SelfAttentionEncoder(nn.Module):
+    """``n_layers`` self-attention blocks over one modality's segments and a final LayerNorm.
+
+    Each modality's own encoder: its states never read the other modality, so what is pooled
+    from them is a modality-specific document embedding.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_layers: int, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(CrossAttentionBlock(d_model, n_heads, dropout) for _ in range(n_layers))
+        self.final_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x, x, mask)
+        return self.final_norm(x)
 
 
 class CrossModalEncoder(nn.Module):

@@ -1,32 +1,49 @@
 """The HILBERT document model (arXiv 2604.16247): segment features in, document embeddings and
 per-task logits out.
 
-    audio [B,S,Da] -> LayerNorm, Linear -> + position --+-- cross-modal layers --+-> pool_a -> z_a
-    text  [B,S,Dt] -> LayerNorm, Linear -> + position --+   (audio <-> text)     +-> pool_t -> z_t
-                                                                                 +-> [audio + m_a ; text + m_t]
-                                                                                       -> pool_j -> z_j
+    audio [B,S,Da] -> LayerNorm, Linear -> + position -> audio self-attention -+-> pool_a -> z_a
+    text  [B,S,Dt] -> LayerNorm, Linear -> + position -> text self-attention  -+-> pool_t -> z_t
+                                                                               |
+                         cross-modal layers (audio <-> text) <-----------------+
+                         -> [audio' + m_a ; text' + m_t] -> pool_j -> z_j
     [z_a; z_t; z_j] -> mixture of experts -> logits per task, gate probabilities, load balance
+
+With ``streams="shared"`` (an ablation) there are no self-attention layers, and ``pool_a`` and
+``pool_t`` read the cross-modal layers' output, like ``pool_j``.
 
 Choices the paper leaves open, and why:
 
+* Modality-specific embeddings (``streams="separate"``, the default): ``z_a`` is a function of
+  the audio segments only and ``z_t`` of the text only: each modality's segments run through
+  its own ``n_self_layers`` masked self-attention layers and its own pooling, before the
+  modalities meet. The dual contrastive and CKA terms align each of them with the joint
+  embedding; were ``z_a`` pooled after cross-attention, it could satisfy them by copying the
+  text it has read, and the balance term would compare two mixed views. The cross-modal layers
+  start from the self-attended streams, so the joint embedding builds on both modality encoders
+  (which therefore also learn from the joint terms; their outputs still see one modality).
+  ``streams="shared"`` pools all three after cross-attention, so the difference is measured.
 * Positions: sine/cosine codes of the absolute segment index, the same code added to the audio
   and the text of a segment. Interview documents run to hundreds of segments and their lengths
   vary widely; fixed codes need no ``max_segments`` and never meet an untrained row, and because
   an audio segment and its text share one code, cross-attention can find the aligned segment
   from the code alone. A fraction-of-document position would blur "the first question" across
   documents of different lengths, which is a signal we want to keep.
-* Joint ("cross-attentive") embedding: after cross-attention each stream already carries the
-  other modality. The two sequences are concatenated along the segment axis, each tagged with a
-  learned modality embedding, and one self-attentive pooling runs over all ``2S`` positions.
-  Its weights ``[B, heads, 2, S]`` then say how much of the joint embedding came from which
-  modality and which segment: a direct view of the information flow that the balance loss
-  equalises. (A per-segment gated fusion would mix audio and text inside each segment before
-  pooling, so the weights could no longer say which modality carried the document.)
+* Joint ("cross-attentive") embedding: the two cross-attended sequences are concatenated along
+  the segment axis, each tagged with a learned modality embedding, and one self-attentive
+  pooling runs over all ``2S`` positions. Its weights ``[B, heads, 2, S]`` say which stream and
+  which segments the joint embedding reads. After cross-attention each stream also carries the
+  other modality, so they show where the joint embedding looks, not where its information came
+  from; ``hilbert.losses.information_balance`` estimates that from the modality-specific
+  embeddings. (A per-segment gated fusion would mix audio and text inside each segment before
+  pooling, so the weights could not even say which stream carried the document.)
 * Unimodal ablations (``modality="audio"`` or ``"text"``): the missing embedding is ``None``;
-  the one stream runs through the same number of layers as self-attention, and ``z_j`` is the
-  joint pooling over that one tagged stream: a second pooled view, so the classifier input is
-  ``[z_x; z_j]`` and the model keeps its size. The cross-modal objectives need both streams, so
-  ``hilbert.losses.hilbert_loss`` leaves them out for these runs (task and load-balance terms only).
+  the one stream runs through its self-attention layers (pooled into ``z_x``) and then through
+  the same number of cross-modal layers as self-attention, and ``z_j`` is the joint pooling over
+  that one tagged stream: a second, deeper pooled view, so the classifier input is ``[z_x; z_j]``
+  and the model keeps the size of its one-modality half. (With ``streams="shared"`` both pool
+  the output of the cross-modal layers.) The cross-modal objectives need both
+  streams, so ``hilbert.losses.hilbert_loss`` leaves them out for these runs (task and
+  load-balance terms only).
 """
 
 from __future__ import annotations
@@ -36,11 +53,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from hilbert.model.attention import CrossModalEncoder, SegmentProjection, SelfAttentivePooling, sinusoidal_positions
+from hilbert.model.attention import (
+    CrossModalEncoder,
+    SegmentProjection,
+    SelfAttentionEncoder,
+    SelfAttentivePooling,
+    sinusoidal_positions,
+)
 from hilbert.model.moe import LOAD_BALANCE, LinearClassifier, MixtureOfExpertsClassifier
 
 MODALITIES = {"both": ("audio", "text"), "audio": ("audio",), "text": ("text",)}
 HEADS = ("moe", "linear")
+STREAMS = ("separate", "shared")
+
+# A saved config (checkpoint.json) that lacks one of these fields was written before the field
+# existed and was trained with this value, not today's default: such weights are the
+# shared-stream model (they have no self-attention layers).
+OLDER_CONFIG_VALUES = {"streams": "shared"}
 
 
 @dataclass
@@ -51,6 +80,7 @@ class HilbertModelConfig:
     d_model: int = 256
     d_embed: int = 256
     n_heads: int = 4
+    n_self_layers: int = 1  # each modality's own self-attention layers (streams="separate" only)
     n_cross_layers: int = 2
     pooling_heads: int = 4
     dropout: float = 0.1
@@ -59,6 +89,7 @@ class HilbertModelConfig:
     head: str = "moe"  # "moe" | "linear"
     modality: str = "both"  # "both" | "audio" | "text"
     moe_balance: str = "switch"  # "switch" | "cv2": see hilbert.model.moe
+    streams: str = "separate"  # "separate": z_a, z_t see only their modality | "shared": pooled after cross-attention
 
     def __post_init__(self):
         positive = (
@@ -67,8 +98,9 @@ class HilbertModelConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"HilbertModelConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not isinstance(self.n_cross_layers, int) or self.n_cross_layers < 0:
-            raise ValueError(f"HilbertModelConfig.n_cross_layers must be an integer >= 0, got {self.n_cross_layers!r}")
+        for name in ("n_self_layers", "n_cross_layers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"HilbertModelConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"HilbertModelConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}"
@@ -78,6 +110,7 @@ class HilbertModelConfig:
         self._check_choice("head", HEADS)
         self._check_choice("modality", tuple(MODALITIES))
         self._check_choice("moe_balance", tuple(LOAD_BALANCE))
+        self._check_choice("streams", STREAMS)
         self._check_tasks()
 
     @property
@@ -106,7 +139,8 @@ class HilbertEmbeddings:
 
     ``*_pooling`` are ``[B, pooling_heads, S]``; ``joint_pooling`` is
     ``[B, pooling_heads, n_modalities, S]`` with the modality axis in the order audio, text (or
-    just the one stream in a unimodal model). Weights are 0 on padded segments.
+    just the one stream in a unimodal model): the cross-attended streams the joint embedding
+    reads. Weights are 0 on padded segments.
     """
 
     audio_embedding: Tensor | None  # [B, d_embed]
@@ -132,6 +166,11 @@ class HilbertModel(nn.Module):
         input_dims = {"audio": config.audio_dim, "text": config.text_dim}
         self.projections = nn.ModuleDict(
             {m: SegmentProjection(input_dims[m], config.d_model, config.dropout) for m in modalities}
+        )
+        # empty for "shared", so its state dict is the earlier design's and old checkpoints load
+        self.self_encoders = nn.ModuleDict(
+            {m: SelfAttentionEncoder(config.d_model, config.n_heads, config.n_self_layers, config.dropout)
+             for m in modalities if config.streams == "separate"}
         )
         self.encoder = CrossModalEncoder(
             modalities, config.d_model, config.n_heads, config.n_cross_layers, config.dropout
@@ -164,9 +203,13 @@ class HilbertModel(nn.Module):
     def embed(self, audio: Tensor | None, text: Tensor | None, mask: Tensor) -> HilbertEmbeddings:
         """Document embeddings without the classifier (for retrieval, probing and plots)."""
         streams = self._project(audio, text, mask)
-        streams = self.encoder(streams, mask)
-        pooled = {m: pool(streams[m], mask) for m, pool in self.poolings.items()}
-        joint_embedding, joint_pooling = self._pool_joint(streams, mask)
+        if self.config.streams == "separate":
+            streams = {m: encoder(streams[m], mask) for m, encoder in self.self_encoders.items()}
+        crossed = self.encoder(streams, mask)
+        # "separate": each modality's embedding pools its own stream, before the modalities meet
+        modality_states = streams if self.config.streams == "separate" else crossed
+        pooled = {m: pool(modality_states[m], mask) for m, pool in self.poolings.items()}
+        joint_embedding, joint_pooling = self._pool_joint(crossed, mask)
         return HilbertEmbeddings(
             audio_embedding=pooled["audio"][0] if "audio" in pooled else None,
             text_embedding=pooled["text"][0] if "text" in pooled else None,

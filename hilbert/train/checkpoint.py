@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from hilbert.config import from_dict, to_dict
 from hilbert.features.batches import LabelMaps
-from hilbert.model.hilbert import HilbertModel, HilbertModelConfig
+from hilbert.model.hilbert import OLDER_CONFIG_VALUES, HilbertModel, HilbertModelConfig
 
 FORMAT = "hilbert-checkpoint/1"
 
@@ -54,7 +54,8 @@ class CheckpointInfo:
     def from_json(cls, data: dict[str, Any]) -> "CheckpointInfo":
         if data.get("format") != FORMAT:
             raise ValueError(f"not a hilbert checkpoint (format {data.get('format')!r}, expected {FORMAT!r})")
-        return cls(model=from_dict(HilbertModelConfig, data["model"], "model"),
+        # a field missing from an older checkpoint takes the value it was trained with, not today's default
+        return cls(model=from_dict(HilbertModelConfig, {**OLDER_CONFIG_VALUES, **data["model"]}, "model"),
                    label_maps=LabelMaps.from_json(data["label_maps"]), features=data.get("features", {}),
                    training=data.get("training", {}), epoch=int(data.get("epoch", 0)),
                    metrics=data.get("metrics", {}))

@@ -26,6 +26,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "pairwise": ({}, {"alignment": "pairwise"}),
     "no_cka": ({}, {"use_cka": False}),
     "no_balance": ({}, {"use_balance": False}),
+    "no_contrastive": ({}, {"lambda_contrastive": 0.0}),
+    "shared_streams": ({"streams": "shared"}, {}),
     "linear_head": ({"head": "linear"}, {}),
     "audio_only": ({"modality": "audio"}, {}),
     "text_only": ({"modality": "text"}, {}),

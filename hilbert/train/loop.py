@@ -259,7 +259,7 @@ def _train_one_epoch(run: FoldRun, config: TrainConfig, context: WorkerContext) 
         labels = {task: value.to(context.device) for task, value in batch["labels"].items()}
         with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=autocast):
             output = run.model(audio, text, mask)
-        loss, components = run.objective(output, labels)
+        loss, components = run.objective(output, labels, document_ids=batch["index"])
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.optimization.grad_clip > 0:
