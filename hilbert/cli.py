@@ -300,43 +300,74 @@ def held_out_baseline(label_maps, development: Manifest, held_out: Manifest, cac
         encoded = [label_maps.encode(doc) for doc in corpus]
         return features, {task: np.array([labels[task] for labels in encoded]) for task in label_maps.tasks}
 
-    return logistic_regression_held_out(*side(development), *side(held_out), label_maps)
+    groups = [doc.group if doc.group is not None else f"\0{doc.doc_id}" for doc in development]
+    return logistic_regression_held_out(*side(development), *side(held_out), label_maps, train_groups=groups)
 
 
 METHOD_NAMES = {"hilbert": "HILBERT", "pairwise": "pairwise a<->t (CLAP-style)", "no_cka": "HILBERT - CKA",
-                "no_balance": "HILBERT - balance", "linear_head": "HILBERT, linear head",
+                "no_balance": "HILBERT - balance", "no_contrastive": "HILBERT - contrastive",
+                "shared_streams": "HILBERT, shared streams", "linear_head": "HILBERT, linear head",
                 "audio_only": "audio only", "text_only": "text only", "baseline_logreg": "baseline: logreg"}
 DIAGNOSTICS = ("recall@1/audio_joint", "recall@1/text_joint", "cka/audio_joint", "cka/text_joint", "balance_gap",
                "experts/entropy")
 
 
+def _interval(values) -> str:
+    return "[-, -]" if not values or values[0] is None else f"[{values[0]:.3f}, {values[1]:.3f}]"
+
+
 def print_cross_validation(result) -> None:
-    """The per-task table: mean +- std over folds of macro AUC, then balanced accuracy and F1."""
-    for metric, title in (("auc", "macro one-vs-rest ROC AUC"), ("balanced_accuracy", "balanced accuracy"),
-                          ("macro_f1", "macro F1")):
-        table = Table(title=f"{title}, mean ± std over {result.folds} folds", title_justify="left")
+    """Per task and method: the pooled out-of-fold test AUC with its 95 % bootstrap interval, the
+    fold mean ± std (and how many folds defined it), and each method's paired difference from
+    HILBERT (* where the interval excludes 0); then balanced accuracy, F1 and diagnostics."""
+    folds = result.folds * result.repeats
+    repeats = f", {result.repeats} repeats" if result.repeats > 1 else ""
+    table = Table(title=f"test macro one-vs-rest ROC AUC: pooled out-of-fold [95 % CI]; mean ± std over folds "
+                        f"(folds defining it / {folds}{repeats}); Δ vs HILBERT [95 % CI], * differs",
+                  title_justify="left", show_lines=True)
+    table.add_column("method")
+    for task in result.tasks:
+        table.add_column(task, justify="right")
+    table.add_column("mean", justify="right")
+    for method in result.methods:
+        cells = []
+        for task in result.tasks:
+            entry = result.comparison.get(method, {}).get(task, {})
+            pooled = entry.get("pooled_auc")
+            lines = [f"{pooled:.3f} {_interval(entry.get('ci95'))}" if pooled is not None else "-"]
+            mean, std = entry.get("fold_mean"), entry.get("fold_std")
+            lines.append(f"{_number(mean if mean is not None else float('nan'))}±"
+                         f"{_number(std if std is not None else float('nan'))} "
+                         f"({entry.get('folds_defined', 0)}/{entry.get('folds', folds)})")
+            versus = entry.get("vs_reference")
+            if versus and versus.get("difference") is not None:
+                lines.append(f"Δ {versus['difference']:+.3f} {_interval(versus.get('ci95'))}"
+                             f"{' *' if versus.get('differs') else ''}")
+            cells.append("\n".join(lines))
+        cells.append(_number(result.mean_auc(method)))
+        table.add_row(METHOD_NAMES.get(method, method), *cells)
+    console.print(table)
+    for metric, title in (("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1")):
+        table = Table(title=f"test {title}, mean ± std over folds", title_justify="left")
         table.add_column("method")
         for task in result.tasks:
             table.add_column(task, justify="right")
-        if metric == "auc":
-            table.add_column("mean", justify="right")
         for method in result.methods:
-            cells = []
-            for task in result.tasks:
-                mean, std = result.summary(method, f"{task}/{metric}")
-                cells.append(f"{mean:.3f}±{std:.3f}")
-            if metric == "auc":
-                cells.append(f"{result.mean_auc(method):.3f}")
-            table.add_row(METHOD_NAMES.get(method, method), *cells)
+            fold_table = result.fold_table(method)
+            name = f"test/{{}}/{metric}"
+            table.add_row(METHOD_NAMES.get(method, method),
+                          *(f"{_number(fold_table.mean.get(name.format(t), float('nan')))}±"
+                            f"{_number(fold_table.std.get(name.format(t), float('nan')))}" for t in result.tasks))
         console.print(table)
-    table = Table(title="embedding diagnostics on validation folds (mean)", title_justify="left")
+    table = Table(title="embedding diagnostics on the test folds (mean over folds)", title_justify="left")
     table.add_column("method")
     for name in DIAGNOSTICS:
         table.add_column(name, justify="right")
     for method in result.methods:
         if method == "baseline_logreg":
             continue
-        cells = [result.summary(method, name)[0] for name in DIAGNOSTICS]
+        fold_table = result.fold_table(method)
+        cells = [fold_table.mean.get(f"test/{name}", float("nan")) for name in DIAGNOSTICS]
         table.add_row(METHOD_NAMES.get(method, method), *("-" if c != c else f"{c:.3f}" for c in cells))
     console.print(table)
 
@@ -527,23 +558,28 @@ def print_sweep_result(result) -> None:
 
 
 def print_leaderboard(rows: list[dict], title: str, limit: int = 20) -> None:
-    """Trials best first: status, epochs, objective, per-task CV AUC and the searched values."""
-    tasks = sorted({key.split("/")[1] for row in rows for key in row["metrics"]
-                    if key.startswith("cv_mean/") and key.endswith("/auc")})
+    """Trials in the order the sweep ranks them (validation objective, the selection signal):
+    status, epochs, the validation and test objectives, per-task test AUC and the searched values."""
+    tasks = sorted({key.split("/")[2] for row in rows for key in row["metrics"]
+                    if key.startswith("cv_mean/test/") and key.endswith("/auc")})
     searched = sorted({key for row in rows for key in row["params"] if not key.startswith("config.")})
     table = Table(title=title, title_justify="left")
-    table.caption = f"AUC: mean over folds of the best epoch's validation macro AUC; searched: {', '.join(searched)}"
-    fixed = ("#", "trial", "status", "epochs", "objective")
-    for column in (*fixed, *(f"{t} AUC" for t in tasks), *(key.rsplit(".", 1)[-1] for key in searched)):
+    table.caption = ("ranked by val objective (mean over folds of the chosen epoch's validation score: what Tune "
+                     "and the registration select on); test: the outer test folds, scored once at that epoch "
+                     "(mean over folds); the best of many trials still flatters its test score: the held-out "
+                     f"promotion set is the unbiased figure; searched: {', '.join(searched)}")
+    fixed = ("#", "trial", "status", "epochs", "val objective", "test objective")
+    for column in (*fixed, *(f"{t} test AUC" for t in tasks), *(key.rsplit(".", 1)[-1] for key in searched)):
         # Fixed columns never shrink; task and parameter headers fold onto a second line instead
         # of being cut to "lambda_…" when the terminal is narrow.
         table.add_column(column, justify="left" if column in ("trial", "status") else "right",
-                         no_wrap=column in fixed, overflow="fold")
+                         no_wrap=column in fixed[:4], overflow="fold")
     for rank, row in enumerate(rows[:limit], 1):
         metrics = row["metrics"]
         status = row["status"] + (f" by {row['stopped_by']}" if row.get("stopped_by") else "")
-        cells = [str(rank), row["name"], status, f"{metrics.get('epochs_completed', 0):.0f}", _number(row["objective"])]
-        cells += [_number(metrics.get(f"cv_mean/{task}/auc", float("nan"))) for task in tasks]
+        cells = [str(rank), row["name"], status, f"{metrics.get('epochs_completed', 0):.0f}", _number(row["objective"]),
+                 _number(metrics.get("test/objective", float("nan")))]
+        cells += [_number(metrics.get(f"cv_mean/test/{task}/auc", float("nan"))) for task in tasks]
         cells += [_param(row["params"].get(key, "")) for key in searched]
         table.add_row(*cells)
     console.print(table)

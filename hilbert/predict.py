@@ -25,10 +25,10 @@ from hilbert.data.manifest import Manifest
 from hilbert.features.batches import UNLABELLED_INDEX, DocumentFeatures, LabelMaps
 from hilbert.features.cache import FeatureCache, FeatureSet
 from hilbert.features.extract import extract_features
+from hilbert.evaluation.predictions import embedding_diagnostics, predict_documents
 from hilbert.metrics import classification_metrics
 from hilbert.model.hilbert import HilbertModel
 from hilbert.train.checkpoint import CheckpointInfo, load_model
-from hilbert.train.loop import embedding_diagnostics, predict_documents
 
 
 class ModelLocationError(ValueError):
@@ -51,6 +51,14 @@ class Predictor:
     def best_model(self) -> tuple[HilbertModel, CheckpointInfo]:
         """The model with the best validation score (the only one for a single checkpoint)."""
         return max(self.models, key=lambda pair: pair[1].metrics.get("score", -math.inf))
+
+
+def trained_temperature(info: CheckpointInfo) -> float:
+    """The InfoNCE temperature the model ended training with (a checkpoint from before it was
+    recorded: the configured initial temperature)."""
+    if "temperature" in info.metrics:
+        return float(info.metrics["temperature"])
+    return float(info.training.get("loss", {}).get("temperature", 0.07))
 
 
 def load_predictor(location: str | Path, device: str = "cpu") -> Predictor:
@@ -134,7 +142,7 @@ def evaluate_corpus(predictor: Predictor, manifest: Manifest, cache_dir: str | P
             metrics[f"{task}/{name}"] = value
     # Embedding diagnostics of one model: fold models' embedding spaces are not comparable.
     best = predictor.models.index(predictor.best_model())
-    metrics.update(embedding_diagnostics(outputs[best]))
+    metrics.update(embedding_diagnostics(outputs[best], trained_temperature(predictor.models[best][1])))
     return metrics
 
 

@@ -149,21 +149,23 @@ def test_a_file_uri_is_a_shared_store_too(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 def test_training_plan_and_split_go_through_the_store(bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     uri, fs, prefix = bucket
-    records = [document(f"d{i}", f"audio/d{i}.wav", labels={"topic": "ab"[i % 2]}) for i in range(8)]
+    records = [document(f"d{i}", f"audio/d{i}.wav", labels={"topic": "ab"[i % 2]}) for i in range(20)]
     manifest = load_manifest(write_manifest(tmp_path, records), check_audio=False)
     feature_set = FeatureSet(str(manifest.path), "0123456789abcdef", "logmel", "hashngram", ENCODER, ENCODER, 5, 2, {})
     config = TrainConfig()
     config.data.cache_dir, config.data.manifest, config.cv.folds = uri, str(manifest.path), 2
     first = prepare_data(config, manifest=manifest, feature_set=feature_set)
-    assert [name for name in objects(fs, prefix) if name.startswith("splits/")] == ["splits/0123456789ab-k2-topic-s0.json"]
+    name = "splits/0123456789ab-k2-topic-s0-v20-r1.json"
+    assert [name for name in objects(fs, prefix) if name.startswith("splits/")] == [name]
     assert make_plan(config, first, "hilbert")["cache_dir"] == uri
 
     other = on_another_node(monkeypatch, uri, tmp_path / "mirror-other")
-    with fs.open_output_stream(f"{prefix}/splits/0123456789ab-k2-topic-s0.json") as stream:
-        flipped = {doc: 1 - fold for doc, fold in first.split.fold_of.items()}  # the store's copy wins
-        stream.write(json.dumps({"k": 2, "seed": 0, "stratify": "topic", "fold_of": flipped}).encode("utf-8"))
+    with fs.open_output_stream(f"{prefix}/{name}") as stream:
+        swapped = first.split.to_json()  # the store's copy wins: the folds in the other order
+        swapped["folds"] = [dict(fold, index=i) for i, fold in enumerate(reversed(swapped["folds"]))]
+        stream.write(json.dumps(swapped).encode("utf-8"))
     second = prepare_data(config, manifest=manifest, feature_set=feature_set)
-    assert second.split.fold_of == flipped and (other.root / "splits").is_dir()
+    assert second.split.folds[0].test == first.split.folds[1].test and (other.root / "splits").is_dir()
 
 
 @pytest.mark.slow

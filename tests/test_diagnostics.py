@@ -1,5 +1,5 @@
-"""Out-of-fold outputs of a trial's fold models and the trial figures made from them, on fold
-models trained in one process (no Ray) over a small synthetic feature cache."""
+"""Test (out-of-fold) outputs of a trial's fold models and the trial figures made from them, on
+fold models trained in one process (no Ray) over a small synthetic feature cache."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from matplotlib.figure import Figure
 
 from hilbert.features.batches import DocumentFeatures, LabelMaps
 from hilbert.features.cache import FeatureCache, FeatureSet
-from hilbert.sweep.diagnostics import out_of_fold_outputs, trial_figures
+from hilbert.evaluation.out_of_fold import out_of_fold_outputs
+from hilbert.evaluation.predictions import predict_documents
+from hilbert.sweep.diagnostics import trial_figures
 from hilbert.train.checkpoint import load_model
 from hilbert.train.config import TrainConfig
-from hilbert.train.folds import Split
-from hilbert.train.loop import WorkerContext, predict_documents, train_folds
+from hilbert.train.folds import Fold, Split
+from hilbert.train.loop import WorkerContext, train_folds
 from hilbert.train.run import PreparedData, make_plan
 
 AUDIO_DIM, TEXT_DIM, DOCUMENTS, FOLDS, MAX_SEGMENTS = 6, 8, 18, 3, 6
@@ -46,7 +48,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, Prepa
         labels[doc_id] = {"loud": loud, "topic": -1 if i % 5 == 0 else topic}
     feature_set = FeatureSet("synthetic", "sha", "synthetic", "synthetic", {}, {}, AUDIO_DIM, TEXT_DIM, entries)
     # Folds in an order unlike the corpus order, so "aligned to the corpus" is a real check.
-    split = Split(FOLDS, 0, "loud", {doc_id: (i * 2 + i // 9) % FOLDS for i, doc_id in enumerate(entries)})
+    fold_of = {doc_id: (i * 2 + i // 9) % FOLDS for i, doc_id in enumerate(entries)}
+    folds = []
+    for fold in range(FOLDS):
+        rest = [d for d, f in fold_of.items() if f != fold]
+        folds.append(Fold(fold, 0, train=[d for j, d in enumerate(rest) if j % 3], validation=rest[::3],
+                          test=[d for d, f in fold_of.items() if f == fold]))
+    split = Split(FOLDS, 0, "loud", 0.3, 1, folds)
     config = TrainConfig(model={"d_model": 16, "d_embed": 16, "n_heads": 2, "pooling_heads": 2, "n_experts": 3,
                                 "expert_hidden": 16, "n_cross_layers": 1, "dropout": 0.0})
     config.data.cache_dir = str(cache.root)
@@ -95,6 +103,14 @@ def _keep_best_models(folder: Path):
     return report
 
 
+def test_fold_of(plan: dict) -> dict[str, int]:
+    """doc_id -> the fold whose test documents it is in."""
+    return {doc_id: fold["index"] for fold in plan["folds"] for doc_id in fold["test"]}
+
+
+test_fold_of.__test__ = False  # a helper, not a test
+
+
 def _predict_alone(folds_dir: Path, plan: dict, fold: int, doc_id: str) -> dict[str, np.ndarray]:
     model, _ = load_model(folds_dir / f"fold_{fold}")
     dataset = DocumentFeatures(FeatureCache(plan["cache_dir"]), FeatureSet(**plan["feature_set"]), [doc_id],
@@ -115,13 +131,14 @@ ALL_VARIANTS = ["hilbert", "linear_head", "audio_only", "text_only"]
 def test_every_document_is_predicted_once_by_its_own_folds_model(trial):
     folds_dir, plan = trial
     outputs = out_of_fold_outputs(folds_dir, plan)
-    assert outputs.doc_ids == list(plan["fold_of"])  # each exactly once, in corpus order
-    assert outputs.folds.tolist() == [plan["fold_of"][d] for d in outputs.doc_ids]
+    fold_of = test_fold_of(plan)
+    assert outputs.doc_ids == list(plan["labels"])  # each exactly once, in corpus order
+    assert outputs.folds.tolist() == [fold_of[d] for d in outputs.doc_ids] and not outputs.repeats.any()
     for task in CLASSES:
         assert outputs.labels[task].tolist() == [plan["labels"][d][task] for d in outputs.doc_ids]
         assert outputs.probabilities[task].shape == (DOCUMENTS, len(CLASSES[task]))
     for row, doc_id in enumerate(outputs.doc_ids):
-        own = plan["fold_of"][doc_id]
+        own = fold_of[doc_id]
         alone = _predict_alone(folds_dir, plan, own, doc_id)
         other = _predict_alone(folds_dir, plan, (own + 1) % FOLDS, doc_id)
         for task in CLASSES:
@@ -137,7 +154,7 @@ def test_variants_give_consistent_outputs_and_figures_that_save_as_png(trial):
     folds_dir, plan = trial
     variant = plan["variant"]
     outputs = out_of_fold_outputs(folds_dir, plan, attention_documents=2)
-    assert sorted(outputs.doc_ids) == sorted(plan["fold_of"])
+    assert sorted(outputs.doc_ids) == sorted(plan["labels"])
     for task, probabilities in outputs.probabilities.items():
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     expected_spaces = {"hilbert": {"audio", "text", "joint"}, "linear_head": {"audio", "text", "joint"},
@@ -151,7 +168,7 @@ def test_variants_give_consistent_outputs_and_figures_that_save_as_png(trial):
         np.testing.assert_allclose(outputs.gates.sum(axis=1), 1.0, atol=1e-5)
 
     # Attention: the first documents of fold 0, each cut to its own (subsampled) segment count.
-    first_of_fold_0 = [d for d, f in plan["fold_of"].items() if f == 0][:2]
+    first_of_fold_0 = plan["folds"][0]["test"][:2]
     assert outputs.attention_doc_ids == first_of_fold_0
     modalities = 1 if variant.endswith("_only") else 2
     for doc_id, weights in zip(outputs.attention_doc_ids, outputs.attention):

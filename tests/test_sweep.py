@@ -180,6 +180,10 @@ def test_sweep_tracks_every_trial_registers_the_best_and_predicts_from_its_alias
         artifacts = artifact_paths(client, run.info.run_id)
         assert "folds/metrics.csv" in artifacts and "model/signature.json" in artifacts
         assert any(path.startswith("figures/") and path.endswith(".png") for path in artifacts)
+        # The outer test folds, scored once at each fold's chosen epoch, and every test prediction.
+        assert "test_predictions/hilbert.parquet" in artifacts
+        assert 0.0 <= run.data.metrics["test/objective"] <= 1.0 and "cv_mean/test/topic/auc" in run.data.metrics
+        assert len(client.get_metric_history(run.info.run_id, "test/objective")) == 1
         assert {f"model/fold_{fold}/model.safetensors" for fold in range(FOLDS)} <= artifacts
         table = client.download_artifacts(run.info.run_id, "folds/metrics.csv", str(tmp_path))
         assert Path(table).read_text().splitlines()[0].startswith("fold,")

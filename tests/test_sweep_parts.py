@@ -19,8 +19,7 @@ from hilbert.sweep.config import load_sweep
 from hilbert.sweep.runner import SweepError, _fitting_concurrency, _trial_resources
 from hilbert.sweep.search import make_scheduler
 from hilbert.train.baseline import logistic_regression_held_out
-from hilbert.train.config import TrainConfig
-from hilbert.train.loop import _objective_score
+from hilbert.evaluation.predictions import objective_score
 
 REPOSITORY = Path(__file__).parents[1]
 
@@ -82,14 +81,12 @@ def test_asha_never_stops_a_trial_on_its_final_report():
 
 
 def test_objective_weights_make_a_weighted_mean_of_task_aucs():
-    config = TrainConfig()
     metrics = {"a/auc": 0.9, "b/auc": 0.5, "c/auc": math.nan}
-    assert _objective_score(metrics, config, ["a", "b", "c"]) == pytest.approx(0.7)  # NaN task left out
-    config.optimization.objective_weights = {"a": 3.0, "b": 1.0}
-    assert _objective_score(metrics, config, ["a", "b", "c"]) == pytest.approx((3 * 0.9 + 0.5) / 4)
-    config.optimization.objective_tasks = ["b"]
-    config.optimization.objective_weights = None
-    assert _objective_score(metrics, config, ["a", "b", "c"]) == pytest.approx(0.5)
+    tasks = ["a", "b", "c"]
+    assert objective_score(metrics, tasks) == pytest.approx(0.7)  # NaN task left out
+    assert objective_score(metrics, tasks, objective_weights={"a": 3.0, "b": 1.0}) == pytest.approx((3 * 0.9 + 0.5) / 4)
+    assert objective_score(metrics, tasks, objective_tasks=["b"]) == pytest.approx(0.5)
+    assert math.isnan(objective_score(metrics, tasks, objective_tasks=["c"]))
 
 
 def test_sweep_objective_weights_are_checked_and_reach_the_trial_config(tmp_path: Path):

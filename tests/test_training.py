@@ -52,10 +52,21 @@ def synthetic_plan(tmp_path: Path, *, documents: int = 48, epochs: int = 3, fold
     config.optimization.batch_size = 8
     config.optimization.learning_rate = 3e-3
     config.optimization.patience = patience
-    fold_of = {doc_id: i % folds for i, doc_id in enumerate(entries)}
     return {"config": to_dict(config), "variant": "hilbert", "cache_dir": str(cache.root),
             "feature_set": to_dict(feature_set), "label_maps": label_maps.to_json(), "labels": labels,
-            "fold_of": fold_of, "folds": list(range(folds))}
+            "folds": simple_folds(list(entries), folds)}
+
+
+def simple_folds(doc_ids: list[str], k: int, validation_every: int = 4) -> list[dict]:
+    """Plan folds (hilbert.train.folds.Fold as JSON): document i is tested in fold i % k; every
+    ``validation_every``-th other document is that fold's validation, the rest its training."""
+    folds = []
+    for fold in range(k):
+        test = [d for i, d in enumerate(doc_ids) if i % k == fold]
+        rest = [d for i, d in enumerate(doc_ids) if i % k != fold]
+        folds.append({"index": fold, "repeat": 0, "test": test, "validation": rest[::validation_every],
+                      "train": [d for j, d in enumerate(rest) if j % validation_every]})
+    return folds
 
 
 class Recorder:
@@ -84,15 +95,41 @@ class WorkerDied(RuntimeError):
 
 def test_training_beats_chance_on_both_tasks_and_reports_every_epoch(tmp_path: Path):
     recorder = Recorder(tmp_path / "reports")
-    results = train_folds(synthetic_plan(tmp_path, epochs=8), WorkerContext(report=recorder))
+    results = train_folds(synthetic_plan(tmp_path, documents=72, epochs=8), WorkerContext(report=recorder))
     assert [m["epoch"] for m in recorder.metrics] == list(range(8))
     for fold in results.values():
-        assert fold["loud/auc"] > 0.8 and fold["topic/auc"] > 0.8, fold
+        assert fold["test/loud/auc"] > 0.8 and fold["test/topic/auc"] > 0.8, fold
+        assert 0 <= fold["epoch"] < 8 and fold["val/score"] > 0.5
     last = recorder.metrics[-1]
     for key in ("train/task", "train/contrastive", "train/cka", "train/balance", "train/temperature",
                 "val/loud/auc", "val/recall@1/audio_joint", "val/cka/text_joint", "val/balance_gap",
-                "val/experts/entropy", "objective"):
+                "val/experts/entropy", "objective", "test/objective", "test/loud/auc", "test/cka/text_joint"):
         assert key in last, key
+    # The test documents are scored once, after training: no earlier report names them.
+    assert not any(key.startswith("test/") for report in recorder.metrics[:-1] for key in report)
+
+
+def test_test_documents_never_influence_the_chosen_epoch(tmp_path: Path):
+    """Scrambling the labels of fold 0's test documents changes fold 0's test figures and nothing
+    it chose: its epoch and that epoch's validation score. (Those documents train the other
+    fold, whose choices may change.)"""
+    expected = train_folds(synthetic_plan(tmp_path / "a", epochs=6), WorkerContext())
+    scrambled = synthetic_plan(tmp_path / "b", epochs=6)
+    rng = np.random.default_rng(1)
+    for doc_id in scrambled["folds"][0]["test"]:
+        scrambled["labels"][doc_id] = {"loud": int(rng.integers(0, 2)), "topic": int(rng.integers(0, 3))}
+    results = train_folds(scrambled, WorkerContext())
+    assert results[0]["epoch"] == expected[0]["epoch"]
+    assert results[0]["val/score"] == pytest.approx(expected[0]["val/score"], abs=1e-9)
+    assert results[0]["test/loud/auc"] != pytest.approx(expected[0]["test/loud/auc"], abs=1e-3)
+
+
+def test_without_early_stopping_the_last_epoch_is_reported(tmp_path: Path):
+    plan = synthetic_plan(tmp_path, epochs=4, patience=1)
+    plan["config"]["optimization"]["early_stopping"] = False
+    recorder = Recorder(tmp_path / "reports")
+    results = train_folds(plan, WorkerContext(report=recorder))
+    assert len(recorder.metrics) == 4 and all(fold["epoch"] == 3 for fold in results.values())
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path):
@@ -111,7 +148,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path):
     assert repeated == {k: v for k, v in first.metrics[1].items() if k != "time/checkpoint_seconds"}
     assert [m["epoch"] for m in continued] == [2, 3] and not any(REPEATED_REPORT in m for m in continued)
     for fold, metrics in expected.items():
-        assert results[fold]["score"] == pytest.approx(metrics["score"], abs=1e-6)
+        assert results[fold]["val/score"] == pytest.approx(metrics["val/score"], abs=1e-6)
+        assert results[fold]["test/objective" if "test/objective" in metrics else "test/score"] == \
+            pytest.approx(metrics["test/score"], abs=1e-6)
     assert resumed.metrics[-1]["train/total"] == pytest.approx(full.metrics[-1]["train/total"], rel=1e-5)
 
 
@@ -151,9 +190,10 @@ def test_fixed_split_groups_stay_together_and_strata_are_spread(tiny_corpus: Pat
     from hilbert.data.manifest import load_manifest
 
     manifest = load_manifest(tiny_corpus)
-    split = make_split(manifest, 2, stratify="topic", seed=0)
+    split = make_split(manifest, 2, stratify="topic", seed=0, validation_fraction=0)
     groups = {}
-    for doc in manifest:
-        groups.setdefault(doc.group, set()).add(split.fold_of[doc.doc_id])
+    for fold in split.folds:
+        for doc_id in fold.test:
+            groups.setdefault(manifest.by_id()[doc_id].group, set()).add(fold.index)
     assert all(len(folds) == 1 for folds in groups.values())
-    assert sorted(split.fold_of) == ["d0", "d1", "d2", "d3"]
+    assert sorted(d for fold in split.folds for d in fold.test) == ["d0", "d1", "d2", "d3"]

@@ -32,9 +32,9 @@ def test_two_worker_ddp_run_trains_every_fold_and_checkpoints(local_ray, tmp_pat
     plan = synthetic_plan(tmp_path, epochs=3)
     fit = build_trainer(plan, two_worker_config(plan), "ddp", tmp_path / "ray").fit()
     assert fit.error is None
-    assert fit.metrics["epoch"] == 2 and fit.metrics["objective"] > 0.7
+    assert fit.metrics["epoch"] == 2 and fit.metrics["objective"] > 0.55 and fit.metrics["test/objective"] > 0.55
     folds, folder = collect_fold_models(fit, tmp_path / "models")
-    assert sorted(folds) == [0, 1] and all(f["loud/auc"] > 0.7 for f in folds.values())
+    assert sorted(folds) == [0, 1] and all(f["test/loud/auc"] > 0.7 for f in folds.values())
     model, info = load_model(Path(folder) / "fold_0")
     assert info.label_maps.tasks == ["loud", "topic"] and info.training["variant"] == "hilbert"
 

@@ -63,7 +63,7 @@ from hilbert.train.config import TrainConfig
 STATE_FILE = "sweep.json"
 RESTORED = "restored_from_mlflow"  # a result re-reported from a finished run, not a new epoch
 # What a trial reports that belongs in MLflow (Tune adds pids, hostnames, timestamps, ...).
-_REPORTED = ("objective", "epoch_score", "epoch", "epochs_completed", "active_folds")
+_REPORTED = ("objective", "test/objective", "epoch_score", "epoch", "epochs_completed", "active_folds")
 _REPORTED_PREFIXES = ("val/", "train/", "time/")
 
 
@@ -186,9 +186,10 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from hilbert.sweep.diagnostics import out_of_fold_outputs, trial_figures
+    from hilbert.evaluation.out_of_fold import out_of_fold_outputs, predictions_table
+    from hilbert.sweep.diagnostics import trial_figures
     from hilbert.sweep.registry import log_model
-    from hilbert.train.run import build_trainer, collect_fold_models
+    from hilbert.train.run import build_trainer, collect_fold_models, write_predictions
 
     entered = time.perf_counter()
     trial_id = tune.get_context().get_trial_id()
@@ -219,6 +220,11 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
             run.log_fold_table(per_fold)
             outputs = out_of_fold_outputs(Path(models), plan)
             run.log_figures(trial_figures(outputs, setup.classes))
+            # Every test prediction (doc_id, fold, task, class probabilities): what the trial's
+            # test figures came from, for any later analysis or paired comparison.
+            table = predictions_table(outputs.test_predictions({}), setup.classes)
+            write_predictions(table, local / "test_predictions" / "hilbert.parquet")
+            run.log_artifacts(local / "test_predictions", "test_predictions")
             log_model(run.run_id, models, client=setup.experiment.client)
         finally:
             shutil.rmtree(local, ignore_errors=True)
@@ -741,7 +747,8 @@ def _fitting_concurrency(sweep: SweepConfig, resources: dict[str, Any], *, local
 
 def _register_best(sweep: SweepConfig, state: SweepState, folder: SweepFolder, experiment: Experiment,
                    rows: list[dict[str, Any]], log: Callable[[str], None]) -> tuple[dict[str, Any] | None, str | None]:
-    """Register the best finished trial's model as the ``challenger`` (once per sweep)."""
+    """Register the best finished trial's model as the ``challenger`` (once per sweep): best by
+    the validation objective, the selection signal; its test objective is recorded beside it."""
     from hilbert.sweep.registry import CHALLENGER, RegistryError, register_logged_model
 
     candidates = [row for row in rows if row["status"] == FINISHED and math.isfinite(row["objective"])]
@@ -753,18 +760,23 @@ def _register_best(sweep: SweepConfig, state: SweepState, folder: SweepFolder, e
         return best, state.registered_version  # a resumed sweep that had already registered its best
     for row in candidates:
         try:
+            test = row["metrics"].get("test/objective", math.nan)
             version = register_logged_model(
                 row["run_id"], sweep.tracking.model_name, CHALLENGER,
-                description=f"best trial ({row['name']}) of sweep {state.name}: objective {row['objective']:.4f} "
-                            f"(mean over folds of the best validation macro AUC)",
+                description=f"best trial ({row['name']}) of sweep {state.name} by validation objective "
+                            f"{row['objective']:.4f} (mean over folds of the chosen epoch's validation score); "
+                            f"test objective {test:.4f} (the outer test folds at that epoch, chosen among "
+                            f"{len(candidates)} trial(s): a little flattered; promotion's held-out score is not)",
                 tracking_uri=experiment.uri, tags={"sweep": state.name, "trial_id": str(row["trial_id"]),
-                                                   "objective": f"{row['objective']:.6f}"})
+                                                   "objective": f"{row['objective']:.6f}",
+                                                   "test_objective": f"{test:.6f}"})
         except RegistryError as error:
             log(f"{row['name']}: {error}; trying the next best")
             continue
         state.registered_version, state.registered_run_id = version, row["run_id"]
         state.write(folder)
-        log(f"registered {row['name']} (objective {row['objective']:.4f}) as {sweep.tracking.model_name} "
+        log(f"registered {row['name']} (val objective {row['objective']:.4f}, test "
+            f"{row['metrics'].get('test/objective', math.nan):.4f}) as {sweep.tracking.model_name} "
             f"version {version}, alias {CHALLENGER}")
         return row, version
     return best, None
@@ -776,9 +788,11 @@ def _summarise_in_parent(tracker: SweepTracker, rows: list[dict[str, Any]], best
     metrics = {f"trials_{status.lower()}": count for status, count in status_counts(rows).items()}
     if best is not None:
         metrics["best_objective"] = best["objective"]
+        metrics["best_test_objective"] = best["metrics"].get("test/objective", math.nan)
         client.set_tag(tracker.run_id, "best_trial", best["name"])
         client.set_tag(tracker.run_id, "best_run_id", best["run_id"])
     if version:
         client.set_tag(tracker.run_id, "registered_version", version)
     for key, value in metrics.items():
-        client.log_metric(tracker.run_id, key, float(value))
+        if math.isfinite(float(value)):  # a best trial stopped before its test folds has none
+            client.log_metric(tracker.run_id, key, float(value))

@@ -18,11 +18,9 @@ skipped (MLflow stores them but its charts break on them).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import importlib.metadata
-import io
 import json
 import logging
 import math
@@ -47,6 +45,8 @@ import numpy as np  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+
+from hilbert.evaluation.summary import FoldTable  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -462,16 +462,19 @@ class TrialTracker(_TrackedRun):
 
     def log_fold_table(self, per_fold: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
         """Per-fold metrics as ``folds/metrics.json`` and ``folds/metrics.csv``, plus the mean and
-        sample standard deviation over folds as ``cv_mean/<name>`` and ``cv_std/<name>``.
+        sample standard deviation over folds as ``cv_mean/<name>`` and ``cv_std/<name>`` (the
+        conventions of :class:`hilbert.evaluation.summary.FoldTable`, also behind ``hilbert train``'s
+        table) and the count of folds that defined each as ``cv_defined/<name>``.
 
         A fold where a metric is undefined (NaN: AUC of a fold with one class) is left out of
-        that metric's mean. Returns the summary metrics that were logged.
+        that metric's mean and counted out. Returns the summary metrics that were logged.
         """
         table = FoldTable.from_folds(per_fold)
         self._log_json(table.to_json(), "folds/metrics.json")
         self.experiment.client.log_text(self.run_id, table.to_csv(), "folds/metrics.csv")
         summary = {f"cv_mean/{name}": value for name, value in table.mean.items()}
         summary.update({f"cv_std/{name}": value for name, value in table.std.items()})
+        summary.update({f"cv_defined/{name}": float(count) for name, count in table.defined.items()})
         logged = finite_metrics(summary)
         self.log_epoch(logged, step=0)
         return logged
@@ -541,47 +544,6 @@ def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) ->
     entries = [Param(key, value) for key, value in params.items()]
     for start in range(0, len(entries), _PARAMS_PER_BATCH):
         client.log_batch(run_id, params=entries[start:start + _PARAMS_PER_BATCH])
-
-
-@dataclasses.dataclass
-class FoldTable:
-    """Per-fold metrics with their mean and sample standard deviation over folds."""
-
-    folds: dict[int, dict[str, float]]
-    names: list[str]
-    mean: dict[str, float]
-    std: dict[str, float]
-
-    @classmethod
-    def from_folds(cls, per_fold: Mapping[int, Mapping[str, float]]) -> "FoldTable":
-        folds = {int(fold): {k: float(v) for k, v in metrics.items()} for fold, metrics in sorted(per_fold.items())}
-        names = sorted({name for metrics in folds.values() for name in metrics})
-        mean, std = {}, {}
-        for name in names:
-            values = np.array([m[name] for m in folds.values() if name in m and math.isfinite(m[name])])
-            mean[name] = float(values.mean()) if values.size else math.nan
-            std[name] = float(values.std(ddof=1)) if values.size > 1 else math.nan
-        return cls(folds, names, mean, std)
-
-    def to_json(self) -> dict[str, Any]:
-        def clean(metrics: Mapping[str, float]) -> dict[str, float | None]:
-            return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}  # JSON has no NaN
-
-        return {"folds": {str(f): clean(m) for f, m in self.folds.items()}, "mean": clean(self.mean),
-                "std": clean(self.std)}
-
-    def to_csv(self) -> str:
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["fold", *self.names])
-        rows = [(str(f), m) for f, m in self.folds.items()] + [("mean", self.mean), ("std", self.std)]
-        for label, metrics in rows:
-            writer.writerow([label, *(_csv_number(metrics.get(name, math.nan)) for name in self.names)])
-        return out.getvalue()
-
-
-def _csv_number(value: float) -> str:
-    return "" if not math.isfinite(value) else repr(value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,14 +50,25 @@ class DataConfig:
 
 @dataclass
 class CrossValidationConfig:
+    """Outer ``folds`` are test folds (nothing is selected on them); inside each outer training
+    fold, ``validation_fraction`` of the documents form the validation split that early stopping
+    (and the baseline's regularisation) is chosen on. ``repeats`` > 1 repeats the whole k-fold
+    split with seeds ``seed``, ``seed + 1``, ... (for small corpora)."""
+
     folds: int = 5
     stratify: str | None = None  # task to stratify folds on (default: the first task)
     seed: int = 0
-    split_file: str | None = None  # default: <cache_dir>/splits/<manifest>-k<folds>-<stratify>-s<seed>.json
+    validation_fraction: float = 0.2  # of each outer training fold; 0 only with early_stopping off
+    repeats: int = 1
+    split_file: str | None = None  # default: <cache_dir>/splits/<manifest>-k<folds>-<stratify>-s<seed>-v<%>-r<repeats>.json
 
     def __post_init__(self):
         if self.folds < 2:
             raise ConfigError(f"cv.folds must be >= 2, got {self.folds}")
+        if not 0.0 <= self.validation_fraction < 0.5:
+            raise ConfigError(f"cv.validation_fraction must be in [0, 0.5), got {self.validation_fraction!r}")
+        if self.repeats < 1:
+            raise ConfigError(f"cv.repeats must be >= 1, got {self.repeats}")
 
 
 @dataclass
@@ -68,6 +79,9 @@ class OptimizationConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     patience: int = 8  # epochs without a better validation AUC before a fold stops
+    # True: each fold's epoch is chosen on its validation split (cv.validation_fraction), and its
+    # test fold is scored at that epoch. False: fixed epochs, the last epoch is scored.
+    early_stopping: bool = True
     warmup_epochs: int = 1
     mixed_precision: bool = True  # bf16 autocast, on GPU only
     class_weighting: Literal["balanced", "none"] = "balanced"
@@ -119,6 +133,9 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"variants: unknown {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
         self.model_config(audio_dim=1, text_dim=1, tasks={"check": 2})  # validate the model section now
+        if self.optimization.early_stopping and self.cv.validation_fraction <= 0:
+            raise ConfigError("optimization.early_stopping needs a validation split: set cv.validation_fraction > 0 "
+                              "(e.g. 0.2), or early_stopping: false to train fixed epochs")
 
     def model_config(self, audio_dim: int, text_dim: int, tasks: dict[str, int]) -> HilbertModelConfig:
         for derived in DERIVED_MODEL_FIELDS:

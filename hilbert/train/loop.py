@@ -1,13 +1,20 @@
-"""The per-worker training function: k cross-validation folds trained in lockstep, under DDP.
+"""The per-worker training function: the cross-validation folds trained in lockstep, under DDP.
 
 ``train_folds(plan)`` is what every Ray Train worker runs; it also runs as a plain function in
 one process (tests, debugging). It learns how many workers it has and where to report from a
 :class:`WorkerContext`, never from Ray directly, so scale is configuration.
 
+The protocol (:mod:`hilbert.train.folds`): each fold trains on its training documents, scores
+its **validation** documents every epoch, and keeps the model of the epoch with the best
+validation score (early stopping); with ``optimization.early_stopping`` off it keeps the last
+epoch. Only when training has ended is each fold's kept model run on its **test** documents,
+once: the reported figure of a fold. Test documents never influence a choice.
+
 Why lockstep: each epoch trains every still-active fold for one epoch, then reports the mean
-validation AUC over folds. One report per epoch is what Tune's schedulers (ASHA, median
-stopping) need to compare trials, and it keeps the k models' early stopping independent.
-Every epoch ends with a checkpoint holding all folds, so a run resumes where it stopped.
+validation score over folds (``objective``, ``val/...``). One report per epoch is what Tune's
+schedulers (ASHA, median stopping) need to compare trials, and it keeps the folds' early
+stopping independent. The last report adds the test figures (``test/...``). Every epoch ends
+with a checkpoint holding all folds, so a run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -29,15 +36,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from hilbert.config import from_dict, to_dict
-from hilbert.features.batches import (DocumentFeatures, LabelMaps, collate_documents, segment_statistics,
-                                      shared_documents)
+from hilbert.config import to_dict
+from hilbert.evaluation.predictions import evaluate, objective_score
+from hilbert.features.batches import DocumentFeatures, LabelMaps, collate_documents, segment_statistics
 from hilbert.features.cache import FeatureCache, FeatureSet
-from hilbert.losses import HilbertObjective, info_nce, linear_cka
-from hilbert.metrics import classification_metrics, recall_at_k
+from hilbert.losses import HilbertObjective
 from hilbert.model.hilbert import HilbertModel
 from hilbert.train.checkpoint import CheckpointInfo, load_training_state, save_checkpoint
 from hilbert.train.config import TrainConfig
+from hilbert.train.plan import Plan, fold_dataset
 
 STATE_FILE = "state.json"
 # Set on a report that repeats the epoch a resumed run restored (see train_folds): a sweep logs
@@ -81,28 +88,6 @@ def ray_train_entry(plan: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The plan: everything a worker needs, as plain JSON (built by hilbert.train.run on the driver)
-
-
-@dataclass
-class Plan:
-    config: TrainConfig
-    variant: str
-    cache_dir: str
-    feature_set: FeatureSet
-    label_maps: LabelMaps
-    labels: dict[str, dict[str, int]]  # doc_id -> task -> class index (-1: unlabelled)
-    fold_of: dict[str, int]
-    folds: list[int]
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Plan":
-        return cls(from_dict(TrainConfig, data["config"], "config"), data["variant"], data["cache_dir"],
-                   FeatureSet(**data["feature_set"]), LabelMaps.from_json(data["label_maps"]), data["labels"],
-                   data["fold_of"], data["folds"])
-
-
-# ---------------------------------------------------------------------------------------------
 # One fold's model, optimiser and early stopping
 
 
@@ -115,6 +100,7 @@ class FoldRun:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     train_loader: DataLoader
     validation: DocumentFeatures
+    test: DocumentFeatures
     best_score: float = -math.inf
     last_score: float = math.nan  # validation score (the objective's weighted AUC) of scored_epoch
     scored_epoch: int = -1
@@ -122,9 +108,15 @@ class FoldRun:
     epochs_since_best: int = 0
     done: bool = False
     best_state: dict[str, torch.Tensor] | None = None
-    best_metrics: dict[str, float] = field(default_factory=dict)
+    best_metrics: dict[str, float] = field(default_factory=dict)  # validation metrics of the kept epoch
+    test_metrics: dict[str, float] = field(default_factory=dict)  # the kept model on the test documents
     last_train: dict[str, float] = field(default_factory=dict)
     last_validation: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def temperature(self) -> float:
+        """The InfoNCE temperature as trained so far (what validation diagnostics use)."""
+        return float(self.objective.temperature().detach())
 
     @property
     def core(self) -> HilbertModel:
@@ -132,17 +124,24 @@ class FoldRun:
 
     def early_stopping_state(self) -> dict[str, Any]:
         return {"fold": self.fold, "best_score": self.best_score, "best_epoch": self.best_epoch,
-                "epochs_since_best": self.epochs_since_best, "done": self.done, "best_metrics": self.best_metrics}
+                "epochs_since_best": self.epochs_since_best, "done": self.done, "best_metrics": self.best_metrics,
+                "test_metrics": self.test_metrics}
+
+    def result(self) -> dict[str, float]:
+        """What this fold reports: the test figures of the kept epoch, and how it was chosen."""
+        return {"epoch": float(self.best_epoch), "val/score": self.best_score if self.best_score > -math.inf
+                else math.nan, **{f"test/{name}": value for name, value in self.test_metrics.items()}}
 
 
 def train_folds(plan_json: dict[str, Any], context: WorkerContext | None = None) -> dict[int, dict[str, float]]:
-    """Train every fold of the plan to early stopping; returns fold -> best validation metrics."""
+    """Train every fold of the plan, keep each fold's chosen epoch, score it on the fold's test
+    documents; returns fold -> :meth:`FoldRun.result`."""
     context = context or WorkerContext()
     plan = Plan.from_json(plan_json)
     optimization = plan.config.optimization
     _seed_everything(optimization.seed)
     cache = FeatureCache(plan.cache_dir)
-    runs = [_build_fold(plan, cache, fold, context) for fold in plan.folds]
+    runs = [_build_fold(plan, cache, fold, context) for fold in plan.fold_indices]
     start_epoch = 0
     if context.resume_from:
         start_epoch, restored_report = _resume(runs, context.resume_from)
@@ -150,6 +149,8 @@ def train_folds(plan_json: dict[str, Any], context: WorkerContext | None = None)
             # The checkpoint was persisted before its report was consumed: whoever consumed it
             # (a sweep's driver logging to MLflow) may have died in between. Say it again.
             context.report({**restored_report, REPEATED_REPORT: True}, None)
+    if start_epoch >= optimization.epochs or all(run.done for run in runs):
+        _score_tests(runs, plan, context)  # a run resumed after its last epoch: the test figures again
     for epoch in range(start_epoch, optimization.epochs):
         active = [run for run in runs if not run.done]
         if not active:
@@ -162,10 +163,16 @@ def train_folds(plan_json: dict[str, Any], context: WorkerContext | None = None)
             timings["train_seconds"] += time.perf_counter() - started
             timings["train_documents"] += len(run.train_loader) * run.train_loader.batch_size * context.world_size
             started = time.perf_counter()
-            run.last_validation = evaluate(run.core, run.validation, plan.label_maps, context.device)
+            if len(run.validation):
+                run.last_validation, _ = evaluate(run.core, run.validation, plan.label_maps, context.device,
+                                                  run.temperature)
             _update_early_stopping(run, epoch, plan.config, context)
             timings["validation_seconds"] += time.perf_counter() - started
         timings["train_documents_per_second"] = timings["train_documents"] / max(timings["train_seconds"], 1e-9)
+        if epoch == optimization.epochs - 1 or all(run.done for run in runs):
+            started = time.perf_counter()
+            _score_tests(runs, plan, context)
+            timings["test_seconds"] = time.perf_counter() - started
         report = {**_epoch_metrics(runs, epoch), **{f"time/{k}": v for k, v in timings.items()}}
         started = time.perf_counter()
         checkpoint = _write_checkpoint(runs, plan, epoch, context, report) if context.rank == 0 else None
@@ -173,7 +180,7 @@ def train_folds(plan_json: dict[str, Any], context: WorkerContext | None = None)
         context.report(report, checkpoint)
         if checkpoint is not None:  # persisted (copied) by the report; the temporary folder goes
             shutil.rmtree(checkpoint, ignore_errors=True)
-    return {run.fold: run.best_metrics for run in runs}
+    return {run.fold: run.result() for run in runs}
 
 
 def _seed_everything(seed: int) -> None:
@@ -182,19 +189,11 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def fold_dataset(plan: Plan, cache: FeatureCache, fold: int, *, validation: bool) -> DocumentFeatures:
-    """The training (or validation) documents of ``fold``, as the loop trains (or scores) them.
-    Every fold, and every later trial in this process, reads a document only once."""
-    ids = [d for d, f in plan.fold_of.items() if (f == fold) == validation]
-    max_segments = plan.config.data.max_segments
-    return DocumentFeatures(cache, plan.feature_set, ids, [plan.labels[d] for d in ids], max_segments,
-                            shared_documents(cache, plan.feature_set, max_segments))
-
-
 def _build_fold(plan: Plan, cache: FeatureCache, fold: int, context: WorkerContext) -> FoldRun:
     config = plan.config
-    train_set = fold_dataset(plan, cache, fold, validation=False)
-    validation = fold_dataset(plan, cache, fold, validation=True)
+    train_set = fold_dataset(plan, cache, fold, "train")
+    validation = fold_dataset(plan, cache, fold, "validation")
+    test = fold_dataset(plan, cache, fold, "test")
     # At least 2 documents a rank and 4 in the global batch: unbiased CKA needs n >= 4.
     per_worker = max(2, -(-4 // context.world_size), config.optimization.batch_size // context.world_size)
     sampler = DistributedSampler(train_set, num_replicas=context.world_size, rank=context.rank, shuffle=True,
@@ -224,7 +223,7 @@ def _build_fold(plan: Plan, cache: FeatureCache, fold: int, context: WorkerConte
     warmup = config.optimization.warmup_epochs * steps_per_epoch
     total = config.optimization.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, warmup, total))
-    return FoldRun(fold, model, objective, optimizer, scheduler, loader, validation)
+    return FoldRun(fold, model, objective, optimizer, scheduler, loader, validation, test)
 
 
 def _warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -274,93 +273,55 @@ def _train_one_epoch(run: FoldRun, config: TrainConfig, context: WorkerContext) 
     return {name: total / max(1, steps) for name, total in sums.items()}
 
 
-@torch.no_grad()
-def predict_documents(model: HilbertModel, dataset: DocumentFeatures, device: torch.device, batch_size: int = 32
-                      ) -> dict[str, Any]:
-    """Run ``model`` over ``dataset``: probabilities per task, embeddings and gate probabilities."""
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_documents)
-    outputs: dict[str, list[np.ndarray]] = {}
-    for batch in loader:
-        output = model(batch["audio"].to(device), batch["text"].to(device), batch["mask"].to(device))
-        pieces = {f"probabilities/{task}": torch.softmax(logits.float(), dim=-1) for task, logits in output.logits.items()}
-        pieces.update({"audio": output.audio_embedding, "text": output.text_embedding, "joint": output.joint_embedding,
-                       "gates": output.gate_probs})
-        for name, value in pieces.items():
-            if value is not None:
-                outputs.setdefault(name, []).append(value.float().cpu().numpy())
-    return {name: np.concatenate(parts) for name, parts in outputs.items()}
-
-
-def evaluate(model: HilbertModel, dataset: DocumentFeatures, label_maps: LabelMaps, device: torch.device
-             ) -> dict[str, float]:
-    """Validation metrics: per-task AUC / balanced accuracy / F1, retrieval, CKA, balance, experts."""
-    predicted = predict_documents(model, dataset, device)
-    metrics: dict[str, float] = {}
-    for task in label_maps.tasks:
-        labels = np.array([lab[task] for lab in dataset.labels])
-        for name, value in classification_metrics(labels, predicted[f"probabilities/{task}"]).items():
-            metrics[f"{task}/{name}"] = value
-    metrics.update(embedding_diagnostics(predicted))
-    return metrics
-
-
-def embedding_diagnostics(predicted: dict[str, np.ndarray]) -> dict[str, float]:
-    """Retrieval recall@k modality->joint, CKA(modality, joint), balance gap, expert use."""
-    metrics: dict[str, float] = {}
-    joint = predicted["joint"]
-    contrastive: dict[str, float] = {}
-    for modality in ("audio", "text"):
-        if modality not in predicted:
-            continue
-        embedding = predicted[modality]
-        for k in (1, 5):
-            metrics[f"recall@{k}/{modality}_joint"] = recall_at_k(embedding, joint, k)
-        x, y = torch.from_numpy(embedding), torch.from_numpy(joint)
-        # The unbiased estimator (n >= 4) does not read small folds as aligned by chance.
-        metrics[f"cka/{modality}_joint"] = float(linear_cka(x, y, unbiased=len(x) >= 4))
-        contrastive[modality] = float(info_nce(nn.functional.normalize(x, dim=-1), nn.functional.normalize(y, dim=-1),
-                                               0.1))
-    if len(contrastive) == 2:
-        # InfoNCE bounds I(m; j) >= log N - L: the gap of the two losses is the gap of the bounds.
-        metrics["balance_gap"] = abs(contrastive["audio"] - contrastive["text"])
-    if "gates" in predicted:
-        usage = predicted["gates"].mean(axis=0)
-        metrics["experts/max_share"] = float(usage.max())
-        metrics["experts/entropy"] = float(-(usage * np.log(np.maximum(usage, 1e-12))).sum() / math.log(len(usage)))
-    return metrics
-
-
-def _objective_score(metrics: dict[str, float], config: TrainConfig, tasks: list[str]) -> float:
-    """Weighted mean macro AUC over the objective's tasks (a task with an undefined AUC is left out)."""
-    weights = config.optimization.objective_weights or {}
-    chosen = config.optimization.objective_tasks or (list(weights) if weights else tasks)
-    pairs = [(metrics.get(f"{task}/auc", math.nan), weights.get(task, 1.0) if weights else 1.0) for task in chosen]
-    pairs = [(value, weight) for value, weight in pairs if not math.isnan(value) and weight > 0]
-    total = sum(weight for _, weight in pairs)
-    return float(sum(value * weight for value, weight in pairs) / total) if total > 0 else math.nan
-
-
 def _update_early_stopping(run: FoldRun, epoch: int, config: TrainConfig, context: WorkerContext) -> None:
-    score = _objective_score(run.last_validation, config, list(run.core.config.tasks))
+    """Keep this epoch's model when its validation score is the best so far (or, without early
+    stopping, always: the last epoch is the one reported); stop after ``patience`` worse epochs."""
+    optimization = config.optimization
+    score = objective_score(run.last_validation, list(run.core.config.tasks), optimization.objective_tasks,
+                            optimization.objective_weights) if run.last_validation else math.nan
     if context.world_size > 1:
         # Rank 0 decides: float noise between devices must never split the ranks' decisions.
         shared = [score]
         dist.broadcast_object_list(shared, src=0)
         score = shared[0]
     run.last_score, run.scored_epoch = score, epoch
+    if not optimization.early_stopping:
+        run.best_score = score if not math.isnan(score) else -math.inf
+        run.best_epoch, run.epochs_since_best = epoch, 0
+        run.best_state = {k: v.detach().cpu().clone() for k, v in run.core.state_dict().items()}
+        run.best_metrics = {"score": score, "epoch": float(epoch), **run.last_validation,
+                            "temperature": run.temperature}
+        return
     if not math.isnan(score) and score > run.best_score:
         run.best_score, run.best_epoch, run.epochs_since_best = score, epoch, 0
         run.best_state = {k: v.detach().cpu().clone() for k, v in run.core.state_dict().items()}
-        run.best_metrics = {"score": score, "epoch": float(epoch), **run.last_validation}
+        run.best_metrics = {"score": score, "epoch": float(epoch), **run.last_validation,
+                            "temperature": run.temperature}
     else:
         run.epochs_since_best += 1
         if run.epochs_since_best >= config.optimization.patience:
             run.done = True
 
 
+def _score_tests(runs: list[FoldRun], plan: Plan, context: WorkerContext) -> None:
+    """Each fold's kept model (the chosen epoch's) on the fold's test documents, once training
+    has ended: the figure the fold reports. Nothing is chosen from it."""
+    optimization = plan.config.optimization
+    for run in runs:
+        if run.best_state is None:
+            continue  # no epoch was kept (every validation score undefined): nothing to report
+        model = copy.deepcopy(run.core)
+        model.load_state_dict(run.best_state)
+        metrics, _ = evaluate(model, run.test, plan.label_maps, context.device, run.temperature)
+        score = objective_score(metrics, list(run.core.config.tasks), optimization.objective_tasks,
+                                optimization.objective_weights)
+        run.test_metrics = {"score": score, **metrics}
+
+
 def _epoch_metrics(runs: list[FoldRun], epoch: int) -> dict[str, Any]:
-    """One flat dict per epoch: means over folds of training losses and validation metrics."""
+    """One flat dict per epoch: means over folds of training losses and validation metrics
+    (``objective`` is the validation score, the selection signal), and once the test documents
+    are scored, the means of the folds' test figures (``test/...``, ``test/objective``)."""
     # epochs_completed counts from 1 whatever the resume point: the time axis of Tune's schedulers.
     metrics: dict[str, Any] = {"epoch": epoch, "epochs_completed": epoch + 1, "active_folds": sum(not r.done for r in runs)}
     best = [r.best_score for r in runs if r.best_score > -math.inf]
@@ -368,7 +329,10 @@ def _epoch_metrics(runs: list[FoldRun], epoch: int) -> dict[str, Any]:
     # The learning curve (objective never falls): this epoch's score, over the folds it trained.
     trained = [r.last_score for r in runs if r.scored_epoch == epoch and not math.isnan(r.last_score)]
     metrics["epoch_score"] = float(np.mean(trained)) if trained else math.nan
-    for prefix, source in (("train", "last_train"), ("val", "last_validation")):
+    tested = [r.test_metrics["score"] for r in runs if r.test_metrics and not math.isnan(r.test_metrics["score"])]
+    if any(r.test_metrics for r in runs):
+        metrics["test/objective"] = float(np.mean(tested)) if tested else math.nan
+    for prefix, source in (("train", "last_train"), ("val", "last_validation"), ("test", "test_metrics")):
         names = sorted({name for run in runs for name in getattr(run, source)})
         for name in names:
             values = [getattr(run, source)[name] for run in runs if name in getattr(run, source)]
@@ -432,6 +396,7 @@ def _resume(runs: list[FoldRun], folder: Path) -> tuple[int, dict[str, Any] | No
         entry = saved[run.fold]
         run.best_score, run.best_epoch = entry["best_score"], entry["best_epoch"]
         run.epochs_since_best, run.done, run.best_metrics = entry["epochs_since_best"], entry["done"], entry["best_metrics"]
+        run.test_metrics = entry.get("test_metrics", {})
         best = folder / f"fold_{run.fold}_best" / "model.safetensors"
         run.best_state = load_file(str(best)) if best.is_file() else None
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))

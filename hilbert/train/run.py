@@ -1,14 +1,18 @@
 """Cross-validated training on Ray Train: prepare the data once, one TorchTrainer per variant.
 
-The driver validates the corpus, makes sure its features are cached, fixes the folds in a split
-file, then hands each variant (HILBERT and its ablations) to a ``TorchTrainer`` whose workers run
+The driver validates the corpus, makes sure its features are cached, fixes the folds (outer test
+folds, a validation split in each: :mod:`hilbert.train.folds`) in a split file, then hands each
+variant (HILBERT and its ablations) to a ``TorchTrainer`` whose workers run
 :func:`hilbert.train.loop.train_folds` with DDP. The baseline runs on the driver over the same
-folds. Results come back as a :class:`CrossValidationResult`: per task and fold, then mean and
-standard deviation over folds.
+folds. Every method's test predictions are saved (``test_predictions/<method>.parquet``) and
+summarised the one way :mod:`hilbert.evaluation.summary` defines: per task the pooled
+out-of-fold AUC with its bootstrap 95 % interval, the fold mean and standard deviation, and
+for every method a paired comparison with HILBERT.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -22,15 +26,18 @@ import numpy as np
 from hilbert import storage
 from hilbert.config import to_dict
 from hilbert.data.manifest import Manifest, load_manifest
+from hilbert.evaluation.out_of_fold import out_of_fold_outputs, predictions_table
+from hilbert.evaluation.summary import FoldTable, OutOfFoldPredictions, compare_methods
 from hilbert.features.batches import LabelMaps
 from hilbert.features.cache import FeatureCache, FeatureSet, atomic_write_json
 from hilbert.features.extract import extract_features
-from hilbert.train.baseline import logistic_regression_cv, mean_pooled_features
+from hilbert.train.baseline import logistic_regression_folds, mean_pooled_features
 from hilbert.train.config import TrainConfig
 from hilbert.train.folds import Split, load_or_make_split
 from hilbert.train.loop import STATE_FILE
 
 BASELINE = "baseline_logreg"
+REFERENCE = "hilbert"  # what every other method is compared with, when it ran
 HEADLINE_METRICS = ("auc", "balanced_accuracy", "macro_f1")
 
 
@@ -51,32 +58,45 @@ class PreparedData:
 
 @dataclass
 class CrossValidationResult:
-    """fold -> metric name -> value, for every method (variants and the baseline)."""
+    """Every method's test figures: per fold (``test/<task>/<metric>``, the chosen ``epoch`` and
+    its ``val/score``), its test predictions, and the summary of :func:`summarise`."""
 
     tasks: list[str]
-    folds: int
+    folds: int  # outer folds per repeat
+    repeats: int = 1
     methods: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
+    predictions: dict[str, OutOfFoldPredictions] = field(default_factory=dict)
+    comparison: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # method -> task -> figures
     checkpoints: dict[str, str] = field(default_factory=dict)  # variant -> folder with fold_<i> models
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def summary(self, method: str, metric: str) -> tuple[float, float]:
-        """Mean and standard deviation over folds (NaN folds, e.g. one class only, left out)."""
-        values = [fold[metric] for fold in self.methods[method].values() if metric in fold]
-        values = [v for v in values if not math.isnan(v)]
-        if not values:
-            return math.nan, math.nan
-        return float(np.mean(values)), float(np.std(values))
+    def fold_table(self, method: str) -> FoldTable:
+        return FoldTable.from_folds(self.methods[method])
+
+    def summarise(self, seed: int = 0) -> None:
+        """Pooled AUC with its interval, fold mean/std, paired comparison with :data:`REFERENCE`."""
+        tables = {method: self.fold_table(method) for method in self.methods}
+        # Fold tables name the test figures test/<task>/auc; the summary reads <task>/auc.
+        renamed = {method: FoldTable.from_folds({fold: {k.removeprefix("test/"): v for k, v in metrics.items()}
+                                                 for fold, metrics in table.folds.items()})
+                   for method, table in tables.items()}
+        self.comparison = compare_methods(self.predictions, renamed, self.tasks,
+                                          REFERENCE if REFERENCE in self.predictions else None, seed=seed)
+
+    def pooled_auc(self, method: str, task: str) -> float:
+        value = self.comparison.get(method, {}).get(task, {}).get("pooled_auc")
+        return math.nan if value is None else float(value)
 
     def mean_auc(self, method: str) -> float:
-        means = [self.summary(method, f"{task}/auc")[0] for task in self.tasks]
-        means = [m for m in means if not math.isnan(m)]
-        return float(np.mean(means)) if means else math.nan
+        """Mean over tasks of the pooled out-of-fold test AUC."""
+        values = [self.pooled_auc(method, task) for task in self.tasks]
+        values = [v for v in values if not math.isnan(v)]
+        return float(np.mean(values)) if values else math.nan
 
     def to_json(self) -> dict[str, Any]:
-        summary = {method: {f"{task}/{metric}": dict(zip(("mean", "std"), self.summary(method, f"{task}/{metric}")))
-                            for task in self.tasks for metric in HEADLINE_METRICS} for method in self.methods}
-        return {"tasks": self.tasks, "folds": self.folds, "summary": summary,
-                "per_fold": {m: {str(f): v for f, v in folds.items()} for m, folds in self.methods.items()},
+        return {"tasks": self.tasks, "folds": self.folds, "repeats": self.repeats, "reference": REFERENCE,
+                "summary": self.comparison,
+                "fold_tables": {method: self.fold_table(method).to_json() for method in self.methods},
                 "checkpoints": self.checkpoints, "seconds": self.seconds}
 
 
@@ -111,20 +131,24 @@ def prepare_data(config: TrainConfig, *, manifest: Manifest | None = None, featu
                                 f"trained ({', '.join(label_maps.tasks)})")
     labels = {doc.doc_id: label_maps.encode(doc) for doc in manifest}
     split = _load_or_make_split(config, manifest, feature_set.manifest_sha256)
-    smallest_train = min(len(split.train_ids(f)) for f in range(split.k))
+    smallest_train = min(len(fold.train) for fold in split.folds)
     if smallest_train < 4:
-        raise TrainingError(f"a training fold holds {smallest_train} documents; at least 4 are needed (lower cv.folds)")
+        raise TrainingError(f"a training fold holds {smallest_train} documents; at least 4 are needed (lower cv.folds "
+                            "or cv.validation_fraction)")
     return PreparedData(manifest, feature_set, label_maps, labels, split)
 
 
 def _load_or_make_split(config: TrainConfig, manifest: Manifest, manifest_sha256: str) -> Split:
     """The split of ``cv.split_file``, else of ``<cache_dir>/splits/`` (with a URI cache, the
     store's copy is read, and a new split is written back there for every other node and run)."""
-    settings = {"stratify": config.cv.stratify, "seed": config.cv.seed}
-    if config.cv.split_file:
-        return load_or_make_split(Path(config.cv.split_file), manifest, config.cv.folds, **settings)
-    stratify = config.cv.stratify or (config.data.tasks or manifest.tasks or ["none"])[0]
-    relative = f"splits/{manifest_sha256[:12]}-k{config.cv.folds}-{stratify}-s{config.cv.seed}.json"
+    cv = config.cv
+    settings = {"stratify": cv.stratify, "seed": cv.seed, "validation_fraction": cv.validation_fraction,
+                "repeats": cv.repeats}
+    if cv.split_file:
+        return load_or_make_split(Path(cv.split_file), manifest, cv.folds, **settings)
+    stratify = cv.stratify or (config.data.tasks or manifest.tasks or ["none"])[0]
+    relative = (f"splits/{manifest_sha256[:12]}-k{cv.folds}-{stratify}-s{cv.seed}"
+                f"-v{round(cv.validation_fraction * 100)}-r{cv.repeats}.json")
     cache = FeatureCache(config.data.cache_dir)
     split = load_or_make_split(cache.local_copy(relative), manifest, config.cv.folds, **settings)
     cache.publish(relative)  # nothing to do for a local cache; one small upload for a URI
@@ -135,8 +159,8 @@ def make_plan(config: TrainConfig, data: PreparedData, variant: str) -> dict[str
     """The JSON a worker receives: config with the variant applied, features, labels, folds."""
     return {"config": to_dict(config.variant(variant)), "variant": variant,
             "cache_dir": storage.absolute(config.data.cache_dir), "feature_set": to_dict(data.feature_set),
-            "label_maps": data.label_maps.to_json(), "labels": data.labels, "fold_of": data.split.fold_of,
-            "folds": list(range(data.split.k))}
+            "label_maps": data.label_maps.to_json(), "labels": data.labels,
+            "folds": [dataclasses.asdict(fold) for fold in data.split.folds]}
 
 
 def build_trainer(plan: dict[str, Any], config: TrainConfig, run_name: str, storage_path: Path | str,
@@ -185,25 +209,50 @@ def run_cross_validation(config: TrainConfig, *, manifest: Manifest | None = Non
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1) + "\n", encoding="utf-8")
     log(f"run folder: {run_dir}")
-    result = CrossValidationResult(tasks=data.label_maps.tasks, folds=data.split.k)
+    result = CrossValidationResult(tasks=data.label_maps.tasks, folds=data.split.k, repeats=data.split.repeats)
+    groups = document_groups(data.manifest)
     connect(address)
     for variant in config.variants:
         started = time.perf_counter()
-        log(f"training {variant!r}: {data.split.k} folds, {config.scaling.num_workers} worker(s)")
-        trainer = build_trainer(make_plan(config, data, variant), config, f"{run_dir.name}-{variant}", run_dir / "ray")
+        log(f"training {variant!r}: {len(data.split.folds)} folds, {config.scaling.num_workers} worker(s)")
+        plan = make_plan(config, data, variant)
+        trainer = build_trainer(plan, config, f"{run_dir.name}-{variant}", run_dir / "ray")
         try:
             fit = trainer.fit()
         except Exception as error:  # Ray wraps worker errors; keep the message that names the cause
             raise TrainingError(f"variant {variant!r} failed: {error}") from error
         result.methods[variant], result.checkpoints[variant] = collect_fold_models(fit, run_dir / variant)
+        result.predictions[variant] = out_of_fold_outputs(result.checkpoints[variant], plan,
+                                                          attention_documents=0).test_predictions(groups)
         result.seconds[variant] = time.perf_counter() - started
     if config.baseline:
         started = time.perf_counter()
-        result.methods[BASELINE] = run_baseline(config, data)
+        result.methods[BASELINE], result.predictions[BASELINE] = run_baseline(config, data)
         result.seconds[BASELINE] = time.perf_counter() - started
+    result.summarise(seed=config.cv.seed)
+    for method, predictions in result.predictions.items():
+        write_predictions(predictions_table(predictions, data.label_maps.classes),
+                          run_dir / "test_predictions" / f"{method}.parquet")
     atomic_write_json(run_dir / "results.json", result.to_json())
-    log(f"results: {run_dir / 'results.json'}; fold models: {run_dir}/<variant>/fold_*")
+    log(f"results: {run_dir / 'results.json'}; test predictions: {run_dir}/test_predictions/; "
+        f"fold models: {run_dir}/<variant>/fold_*")
     return result
+
+
+def document_groups(manifest: Manifest) -> dict[str, str]:
+    """doc_id -> what the split keeps together (its group, else the document itself)."""
+    return {doc.doc_id: doc.group if doc.group is not None else f"\0{doc.doc_id}" for doc in manifest}
+
+
+def write_predictions(table, path: Path) -> Path:
+    """A Parquet file written whole or not at all (temporary name, then renamed)."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, temporary)
+    temporary.replace(path)
+    return path
 
 
 def collect_fold_models(fit, destination: Path) -> tuple[dict[int, dict[str, float]], str]:
@@ -224,13 +273,31 @@ def fold_models_from_checkpoint(folder: Path, destination: Path) -> tuple[dict[i
         best = folder / f"fold_{entry['fold']}_best"
         if best.is_dir():
             shutil.copytree(best, destination / f"fold_{entry['fold']}")
-    folds = {int(entry["fold"]): {k: float(v) for k, v in entry["best_metrics"].items()} for entry in state["folds"]}
+    folds = {}
+    for entry in state["folds"]:
+        score = entry["best_score"]
+        folds[int(entry["fold"])] = {"epoch": float(entry["best_epoch"]),
+                                     "val/score": float(score) if score is not None and score > -math.inf else math.nan,
+                                     **{f"test/{k}": float(v) for k, v in entry.get("test_metrics", {}).items()}}
     return folds, str(destination)
 
 
-def run_baseline(config: TrainConfig, data: PreparedData) -> dict[int, dict[str, float]]:
+def run_baseline(config: TrainConfig, data: PreparedData) -> tuple[dict[int, dict[str, float]], OutOfFoldPredictions]:
+    """The baseline on the same folds: per-fold test figures and its test predictions (rows
+    ordered as the model's: by repeat, then corpus order)."""
     doc_ids = [doc.doc_id for doc in data.manifest]
+    groups = document_groups(data.manifest)
     features = mean_pooled_features(FeatureCache(config.data.cache_dir), data.feature_set, doc_ids)
     labels = {task: np.array([data.labels[d][task] for d in doc_ids]) for task in data.label_maps.tasks}
-    fold_of = np.array([data.split.fold_of[d] for d in doc_ids])
-    return logistic_regression_cv(features, labels, fold_of, data.label_maps)
+    per_fold, probabilities = logistic_regression_folds(features, labels, doc_ids, [groups[d] for d in doc_ids],
+                                                        data.split.folds, data.label_maps)
+    position = {doc_id: row for row, doc_id in enumerate(doc_ids)}
+    rows = sorted(((fold.repeat, position[doc_id], fold.index, i) for fold in data.split.folds
+                   for i, doc_id in enumerate(fold.test)))
+    ordered = [doc_ids[p] for _, p, _, _ in rows]
+    predictions = OutOfFoldPredictions(
+        ordered, [groups[d] for d in ordered], np.array([f for _, _, f, _ in rows], dtype=int),
+        np.array([r for r, _, _, _ in rows], dtype=int),
+        {task: labels[task][[p for _, p, _, _ in rows]] for task in data.label_maps.tasks},
+        {task: np.stack([probabilities[f][task][i] for _, _, f, i in rows]) for task in data.label_maps.tasks})
+    return per_fold, predictions

@@ -1,0 +1,48 @@
+"""The plan of a cross-validated training run: everything a worker needs, as plain JSON.
+
+Built once by :func:`hilbert.train.run.make_plan` on the driver; read by the training loop on
+every worker and by evaluation (test predictions of the fold models) afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hilbert.config import from_dict
+from hilbert.features.batches import DocumentFeatures, LabelMaps, shared_documents
+from hilbert.features.cache import FeatureCache, FeatureSet
+from hilbert.train.config import TrainConfig
+
+
+@dataclass
+class Plan:
+    config: TrainConfig
+    variant: str
+    cache_dir: str
+    feature_set: FeatureSet
+    label_maps: LabelMaps
+    labels: dict[str, dict[str, int]]  # doc_id -> task -> class index (-1: unlabelled)
+    folds: list[dict[str, Any]]  # hilbert.train.folds.Fold as JSON: index, repeat, train, validation, test
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Plan":
+        return cls(from_dict(TrainConfig, data["config"], "config"), data["variant"], data["cache_dir"],
+                   FeatureSet(**data["feature_set"]), LabelMaps.from_json(data["label_maps"]), data["labels"],
+                   data["folds"])
+
+    def fold(self, index: int) -> dict[str, Any]:
+        return next(fold for fold in self.folds if fold["index"] == index)
+
+    @property
+    def fold_indices(self) -> list[int]:
+        return [fold["index"] for fold in self.folds]
+
+
+def fold_dataset(plan: Plan, cache: FeatureCache, fold: int, part: str) -> DocumentFeatures:
+    """The ``train``, ``validation`` or ``test`` documents of ``fold``, as the loop trains or
+    scores them. Every fold, and every later trial in this process, reads a document only once."""
+    ids = plan.fold(fold)[part]
+    max_segments = plan.config.data.max_segments
+    return DocumentFeatures(cache, plan.feature_set, ids, [plan.labels[d] for d in ids], max_segments,
+                            shared_documents(cache, plan.feature_set, max_segments))
