@@ -255,11 +255,12 @@ def demo(
     console.rule(f"6. predict the held-out documents with models:/{result.model_name}@{CHAMPION}")
     champion = f"models:/{result.model_name}@{CHAMPION}"
     predictions_path = workdir / "predictions" / "held_out.parquet"
-    from hilbert.predict import evaluate_corpus, predict_probabilities, predictions_table, write_parquet_atomically
+    from hilbert.predict import evaluate_corpus, predict_probabilities, predictions_table
+    from hilbert.storage import write_parquet
 
     with _model(champion, result.tracking_uri) as predictor:
         _, probabilities = predict_probabilities(predictor, held_out, data.cache_dir, address=address)
-        write_parquet_atomically(predictions_table(held_out, predictor.label_maps, probabilities), predictions_path)
+        write_parquet(predictions_table(held_out, predictor.label_maps, probabilities), predictions_path)
         champion_metrics = evaluate_corpus(predictor, held_out, data.cache_dir, address=address)
     console.print(f"class probabilities per task for {len(held_out)} documents: {predictions_path}")
 
@@ -382,14 +383,18 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="Override optimization.epochs."),
     folds: Optional[int] = typer.Option(None, help="Override cv.folds."),
     variants: Optional[str] = typer.Option(None, help="Comma-separated variants: hilbert, pairwise, no_cka, "
-                                                      "no_balance, linear_head, audio_only, text_only, or `all`."),
+                                                      "no_balance, no_contrastive, shared_streams, linear_head, "
+                                                      "audio_only, text_only, or `all`."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray."),
     output: Optional[Path] = typer.Option(None, help="Run folder (default: <output_dir>/<name>-<time>)."),
 ) -> None:
     """k-fold cross-validated training with Ray Train (DDP), every variant and the baseline, in one table.
 
-    Writes the config, the split, results.json and each variant's best fold models (safetensors +
-    JSON) to the run folder.
+    Each fold keeps the epoch chosen on its validation split and is scored once on its test fold;
+    the table shows, per task, the pooled out-of-fold test AUC with its 95 % bootstrap interval,
+    the fold mean ± std, and each method's paired difference from HILBERT. Writes the config,
+    results.json, every method's test predictions (test_predictions/*.parquet) and each variant's
+    fold models (safetensors + JSON) to the run folder.
     """
     from hilbert.config import ConfigError
     from hilbert.train.config import VARIANTS, load_train_config
@@ -477,12 +482,13 @@ def predict(
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
 ) -> None:
     """Predict every task for new documents (fold models are averaged)."""
-    from hilbert.predict import predict_probabilities, predictions_table, write_parquet_atomically
+    from hilbert.predict import predict_probabilities, predictions_table
+    from hilbert.storage import write_parquet
 
     corpus = _exit_on_bad_manifest(manifest)
     with _model(model, tracking_uri) as predictor, _refusing(FileNotFoundError):
         _, probabilities = predict_probabilities(predictor, corpus, cache, address=address)
-    write_parquet_atomically(predictions_table(corpus, predictor.label_maps, probabilities), out)
+    write_parquet(predictions_table(corpus, predictor.label_maps, probabilities), out)
     console.print(f"predictions for {len(corpus)} documents written to {out}")
 
 
@@ -496,12 +502,13 @@ def embed(
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
 ) -> None:
     """Document embeddings and which segments mattered (pooling weights), one row per document."""
-    from hilbert.predict import embeddings_table, write_parquet_atomically
+    from hilbert.predict import embeddings_table
+    from hilbert.storage import write_parquet
 
     corpus = _exit_on_bad_manifest(manifest)
     with _model(model, tracking_uri) as predictor, _refusing(FileNotFoundError):
         table = embeddings_table(predictor, corpus, cache, address=address)
-    write_parquet_atomically(table, out)
+    write_parquet(table, out)
     console.print(f"embeddings of {len(corpus)} documents written to {out}")
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from hilbert.data.manifest import Manifest
@@ -176,12 +175,3 @@ def embeddings_table(predictor: Predictor, manifest: Manifest, cache_dir: str | 
                 value = getattr(output, name, None)
                 rows.setdefault(name, []).append(None if value is None else value[0].float().numpy().tolist())
     return pa.table(rows)
-
-
-def write_parquet_atomically(table: pa.Table, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, temporary)
-    temporary.replace(path)
-    return path

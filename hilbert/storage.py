@@ -72,6 +72,19 @@ def exists(location: str) -> bool:
     return folder.exists(name)
 
 
+def write_parquet(table, path: str | Path) -> Path:
+    """A Parquet file on the local file system, written whole or not at all (a temporary name in
+    its folder, then renamed): a killed writer never leaves half a table where readers look."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, temporary)
+    temporary.replace(path)
+    return path
+
+
 def shown(location: str) -> str:
     """A location fit for messages and logs: a URI without its ``?options`` or ``user:secret@``."""
     if not is_uri(location):

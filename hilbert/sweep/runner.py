@@ -63,7 +63,8 @@ from hilbert.train.config import TrainConfig
 STATE_FILE = "sweep.json"
 RESTORED = "restored_from_mlflow"  # a result re-reported from a finished run, not a new epoch
 # What a trial reports that belongs in MLflow (Tune adds pids, hostnames, timestamps, ...).
-_REPORTED = ("objective", "test/objective", "epoch_score", "epoch", "epochs_completed", "active_folds")
+TEST_OBJECTIVE = "test/objective"  # the final report's mean over folds of the test score
+_REPORTED = ("objective", TEST_OBJECTIVE, "epoch_score", "epoch", "epochs_completed", "active_folds")
 _REPORTED_PREFIXES = ("val/", "train/", "time/")
 
 
@@ -189,7 +190,7 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
     from hilbert.evaluation.out_of_fold import out_of_fold_outputs, predictions_table
     from hilbert.sweep.diagnostics import trial_figures
     from hilbert.sweep.registry import log_model
-    from hilbert.train.run import build_trainer, collect_fold_models, write_predictions
+    from hilbert.train.run import build_trainer, collect_fold_models
 
     entered = time.perf_counter()
     trial_id = tune.get_context().get_trial_id()
@@ -223,7 +224,7 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
             # Every test prediction (doc_id, fold, task, class probabilities): what the trial's
             # test figures came from, for any later analysis or paired comparison.
             table = predictions_table(outputs.test_predictions({}), setup.classes)
-            write_predictions(table, local / "test_predictions" / "hilbert.parquet")
+            storage.write_parquet(table, local / "test_predictions" / "hilbert.parquet")
             run.log_artifacts(local / "test_predictions", "test_predictions")
             log_model(run.run_id, models, client=setup.experiment.client)
         finally:
@@ -415,8 +416,10 @@ class TrialRunsCallback(Callback):
                   stopped_by=self.scheduler if stopped else None)
         epochs = (trial.last_result or {}).get(TIME_ATTR, "?")
         objective = (trial.last_result or {}).get(OBJECTIVE, math.nan)
+        test = (trial.last_result or {}).get(TEST_OBJECTIVE)
         self._say(f"{trial_run_name(trial.trial_id)} {'stopped by ' + self.scheduler if stopped else 'finished'} "
-                  f"after {epochs} epoch(s): objective {objective:.4f}")
+                  f"after {epochs} epoch(s): val objective {objective:.4f}"
+                  + (f", test {test:.4f}" if test is not None else ""))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         message = _error_summary(trial)
@@ -434,7 +437,7 @@ class TrialRunsCallback(Callback):
     def _say(self, line: str) -> None:
         if self.print_line is None:
             return
-        best = f" | best so far {self._best[0]:.4f} ({trial_run_name(self._best[1])})" if self._best else ""
+        best = f" | best val so far {self._best[0]:.4f} ({trial_run_name(self._best[1])})" if self._best else ""
         self.print_line(line + best)
 
     def on_step_end(self, iteration, trials, **info):
@@ -460,7 +463,7 @@ def trial_table(trials) -> str:
         rows.append((trial_run_name(trial.trial_id), trial.status, str(result.get(TIME_ATTR, 0)),
                      f"{objective:.4f}" if isinstance(objective, float) and math.isfinite(objective) else "-"))
     rows.sort(key=lambda row: row[3] if row[3] != "-" else "", reverse=True)
-    header = ("trial", "status", "epochs", "objective")
+    header = ("trial", "status", "epochs", "val objective")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in [header, *rows]]
     return "\n".join(lines)

@@ -231,7 +231,7 @@ def run_cross_validation(config: TrainConfig, *, manifest: Manifest | None = Non
         result.seconds[BASELINE] = time.perf_counter() - started
     result.summarise(seed=config.cv.seed)
     for method, predictions in result.predictions.items():
-        write_predictions(predictions_table(predictions, data.label_maps.classes),
+        storage.write_parquet(predictions_table(predictions, data.label_maps.classes),
                           run_dir / "test_predictions" / f"{method}.parquet")
     atomic_write_json(run_dir / "results.json", result.to_json())
     log(f"results: {run_dir / 'results.json'}; test predictions: {run_dir}/test_predictions/; "
@@ -242,17 +242,6 @@ def run_cross_validation(config: TrainConfig, *, manifest: Manifest | None = Non
 def document_groups(manifest: Manifest) -> dict[str, str]:
     """doc_id -> what the split keeps together (its group, else the document itself)."""
     return {doc.doc_id: doc.group if doc.group is not None else f"\0{doc.doc_id}" for doc in manifest}
-
-
-def write_predictions(table, path: Path) -> Path:
-    """A Parquet file written whole or not at all (temporary name, then renamed)."""
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, temporary)
-    temporary.replace(path)
-    return path
 
 
 def collect_fold_models(fit, destination: Path) -> tuple[dict[int, dict[str, float]], str]:
