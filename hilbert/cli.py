@@ -174,6 +174,8 @@ def demo(
                                                                      "with hilbert (tune/demo.yaml in the repository)."),
     documents: int = typer.Option(240, help="Documents in the demo corpus."),
     seed: int = typer.Option(0, help="Seed of the demo corpus."),
+    trials: Optional[int] = typer.Option(None, min=1, help="Trials of the sweep (default: the sweep file's)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs of each trial (default: the sweep file's)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: an embedded local Ray."),
 ) -> None:
     """The main job on the bundled demo corpus, end to end: write it, validate it, extract
@@ -198,8 +200,10 @@ def demo(
 
     sweep_file = sweep_file or packaged(DEMO_SWEEP)
     corpus_dir = workdir / "corpus"
-    overrides = {"data": {"manifest": str(corpus_dir / "development.jsonl"), "cache_dir": str(workdir / "cache")},
-                 "output_dir": str(workdir / "runs")}
+    overrides: dict = {"data": {"manifest": str(corpus_dir / "development.jsonl"), "cache_dir": str(workdir / "cache")},
+                       "output_dir": str(workdir / "runs")}
+    if epochs is not None:
+        overrides["optimization"] = {"epochs": epochs}
     try:
         sweep_config = load_sweep(sweep_file, overrides)
     except (ConfigError, FileNotFoundError) as error:
@@ -235,10 +239,10 @@ def demo(
     development_features = extract_features(development, data.audio_encoder, data.text_encoder, data.cache_dir,
                                             address=address, progress=False).feature_set
 
-    console.rule(f"4. sweep: {sweep_config.trials} trials, Ray Tune + Optuna, k-fold Ray Train DDP, MLflow")
+    console.rule(f"4. sweep: {trials or sweep_config.trials} trials, Ray Tune + Optuna, k-fold Ray Train DDP, MLflow")
     with _refusing(ConfigError, SweepError, TrainingError, RegistryError, VersionMismatch), \
             _refusing(SweepInterrupted, code=130):
-        result = run_sweep(sweep_file, overrides=overrides, address=address, manifest=development,
+        result = run_sweep(sweep_file, overrides=overrides, trials=trials, address=address, manifest=development,
                            feature_sets={pair_key(data.audio_encoder, data.text_encoder): development_features},
                            log=console.print)
     print_sweep_result(result)

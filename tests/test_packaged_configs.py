@@ -69,3 +69,26 @@ def test_a_built_wheel_ships_the_configs_and_finds_them_outside_the_repository(t
     assert ran.returncode == 0, ran.stderr[-3000:]
     path, cache_dir = ran.stdout.split()
     assert Path(path).is_relative_to(tmp_path / "site") and cache_dir == "hilbert-demo/cache"
+
+
+@pytest.mark.slow
+def test_the_readme_main_job_runs_end_to_end_from_any_folder(tmp_path):
+    """`hilbert demo` (the shipped sweep, shortened: fewer documents, one trial of two epochs)
+    in a folder far from the repository: corpus, validation, extraction, sweep, registration,
+    promotion, predictions and the final table, all under ./hilbert-demo."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    in_checkout = (REPOSITORY / "hilbert-demo").exists()
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["COLUMNS"] = "200"  # rich's rules and tables at full width in the captured output
+    done = subprocess.run([str(Path(sys.executable).parent / "hilbert"), "demo", "--documents", "60", "--trials", "1",
+                           "--epochs", "2"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    demo = elsewhere / "hilbert-demo"
+    assert (demo / "corpus" / "manifest.jsonl").is_file() and (demo / "runs" / "mlruns.db").is_file()
+    assert (demo / "predictions" / "held_out.parquet").is_file()
+    for expected in ("4. sweep: 1 trials", "registered trial-", "held-out documents", "HILBERT champion",
+                     "baseline: logreg", "open the MLflow UI"):
+        assert expected in output, (expected, output[-3000:])
+    assert (REPOSITORY / "hilbert-demo").exists() == in_checkout  # written where it ran, not in the checkout

@@ -510,15 +510,16 @@ class SweepResult:
 
 def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, resume: str | None = None,
               sweeps_dir: str | Path | None = None, address: str | None = None, tracking_uri: str | None = None,
-              retry_failed: bool = False, overrides: dict[str, Any] | None = None, manifest=None,
-              feature_sets: dict | None = None, log: Callable[[str], None] = print) -> SweepResult:
+              retry_failed: bool = False, overrides: dict[str, Any] | None = None, trials: int | None = None,
+              manifest=None, feature_sets: dict | None = None, log: Callable[[str], None] = print) -> SweepResult:
     """Run (or, with ``resume=NAME``, continue) a sweep; returns its leaderboard and the model
     version registered as ``challenger``.
 
     ``sweep_file`` is a ``tune/*.yaml``; when resuming it may be left out (``sweep.json`` in the
     sweep folder holds the definition). ``sweeps_dir`` defaults to ``<output_dir>/sweeps`` of
     the base config (``runs/sweeps`` when resuming without a file). ``overrides`` edit the base
-    training config (see :func:`load_sweep`). A caller that has validated the corpus or cached
+    training config (see :func:`load_sweep`), ``trials`` the number of trials (a new sweep only:
+    the sweep folder keeps what it was started with). A caller that has validated the corpus or cached
     its features passes ``manifest`` and ``feature_sets`` (encoder pair key -> FeatureSet).
     """
     started = time.perf_counter()
@@ -530,6 +531,10 @@ def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, 
             raise SweepError("name a sweep file (tune/*.yaml), or --resume NAME")
         sweep = load_sweep(sweep_file, overrides)
         assert sweep.base_config is not None
+        if trials is not None:
+            if trials < 1:
+                raise SweepError(f"trials must be >= 1, got {trials}")
+            sweep.trials = trials
         name = name or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         folder = SweepFolder.of(sweeps_dir or sweeps_dir_for(sweep.base_config), name)
         if storage.exists(folder.state_file):

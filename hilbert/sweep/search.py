@@ -64,14 +64,16 @@ def make_scheduler(sweep: SweepConfig):
     settings = sweep.scheduler
     assert sweep.base_config is not None
     epochs = sweep.trial_config({}).optimization.epochs
+    # A grace period as long as the trials (a shortened run, `hilbert demo --epochs 2`) stops nothing.
+    grace = min(settings.grace_period, epochs)
     if settings.type == "asha":
         return AshaLettingTrialsFinish(
             epochs, time_attr=TIME_ATTR, metric=OBJECTIVE, mode=sweep.objective.mode, max_t=epochs + 1,
-            grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
+            grace_period=grace, reduction_factor=settings.reduction_factor)
     if settings.type == "median":
         return MedianLettingTrialsFinish(
             epochs, time_attr=TIME_ATTR, metric=OBJECTIVE, mode=sweep.objective.mode,
-            grace_period=settings.grace_period, min_samples_required=2)
+            grace_period=grace, min_samples_required=2)
     return FIFOScheduler()
 
 
