@@ -313,7 +313,7 @@ METHOD_NAMES = {"hilbert": "HILBERT", "pairwise": "pairwise a<->t (CLAP-style)",
                 "no_balance": "HILBERT - balance", "no_contrastive": "HILBERT - contrastive",
                 "shared_streams": "HILBERT, shared streams", "linear_head": "HILBERT, linear head",
                 "audio_only": "audio only", "text_only": "text only", "baseline_logreg": "baseline: logreg"}
-DIAGNOSTICS = ("recall@1/audio_joint", "recall@1/text_joint", "cka/audio_joint", "cka/text_joint", "balance_gap",
+DIAGNOSTICS = ("recall@1/audio_joint", "recall@1/text_joint", "cka/audio_joint", "cka/text_joint", "balance/imbalance",
                "experts/entropy")
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hilbert.features.batches import DocumentFeatures, LabelMaps, collate_documents
-from hilbert.losses import info_nce, linear_cka
+from hilbert.losses import info_nce, information_balance, linear_cka
 from hilbert.metrics import classification_metrics, recall_at_k
 from hilbert.model.hilbert import HilbertModel
 
@@ -55,7 +55,9 @@ def evaluate(model: HilbertModel, dataset: DocumentFeatures, label_maps: LabelMa
 
 
 def embedding_diagnostics(predicted: Mapping[str, np.ndarray], temperature: float) -> dict[str, float]:
-    """Retrieval recall@k modality->joint, CKA(modality, joint), balance gap, expert use.
+    """Retrieval recall@k modality->joint, CKA(modality, joint), balance gap and the information
+    balance estimate (``balance/...``: each modality's InfoNCE bound against the joint and their
+    normalised gap), expert use.
 
     ``temperature`` is the model's own (trained) InfoNCE temperature: the balance gap compares
     the two contrastive terms the model was trained with, at the scale it was trained at.
@@ -77,6 +79,11 @@ def embedding_diagnostics(predicted: Mapping[str, np.ndarray], temperature: floa
     if len(contrastive) == 2:
         # InfoNCE bounds I(m; j) >= log N - L: the gap of the two losses is the gap of the bounds.
         metrics["balance_gap"] = abs(contrastive["audio"] - contrastive["text"])
+        if len(joint) >= 2:  # the normalised estimate (hilbert.losses.information_balance)
+            balance = information_balance(*(torch.from_numpy(predicted[m]) for m in ("audio", "text", "joint")),
+                                          temperature)
+            metrics.update({"balance/audio_bound": float(balance.audio), "balance/text_bound": float(balance.text),
+                            "balance/imbalance": float(balance.imbalance)})
     if "gates" in predicted:
         usage = predicted["gates"].mean(axis=0)
         metrics["experts/max_share"] = float(usage.max())
