@@ -297,6 +297,7 @@ def held_out_baseline(label_maps, development: Manifest, held_out: Manifest, cac
 
     from hilbert.features.cache import FeatureCache
     from hilbert.train.baseline import logistic_regression_held_out, mean_pooled_features
+    from hilbert.train.folds import group_of
 
     store = FeatureCache(cache)
 
@@ -305,7 +306,7 @@ def held_out_baseline(label_maps, development: Manifest, held_out: Manifest, cac
         encoded = [label_maps.encode(doc) for doc in corpus]
         return features, {task: np.array([labels[task] for labels in encoded]) for task in label_maps.tasks}
 
-    groups = [doc.group if doc.group is not None else f"\0{doc.doc_id}" for doc in development]
+    groups = [group_of(doc) for doc in development]
     return logistic_regression_held_out(*side(development), *side(held_out), label_maps, train_groups=groups)
 
 
@@ -359,10 +360,10 @@ def print_cross_validation(result) -> None:
             table.add_column(task, justify="right")
         for method in result.methods:
             fold_table = result.fold_table(method)
-            name = f"test/{{}}/{metric}"
+            names = [f"test/{task}/{metric}" for task in result.tasks]
             table.add_row(METHOD_NAMES.get(method, method),
-                          *(f"{_number(fold_table.mean.get(name.format(t), float('nan')))}±"
-                            f"{_number(fold_table.std.get(name.format(t), float('nan')))}" for t in result.tasks))
+                          *(f"{_number(fold_table.mean.get(name, float('nan')))}±"
+                            f"{_number(fold_table.std.get(name, float('nan')))}" for name in names))
         console.print(table)
     table = Table(title="embedding diagnostics on the test folds (mean over folds)", title_justify="left")
     table.add_column("method")

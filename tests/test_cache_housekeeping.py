@@ -103,6 +103,14 @@ def names_of(feature_set: FeatureSet) -> set[str]:
     return {entry_name(m, d[m]) for d in feature_set.documents.values() for m in ("audio", "text")}
 
 
+def full_and_edited_sets(corpus, root: str | Path) -> tuple[FeatureSet, FeatureSet, set[str]]:
+    """The full corpus's feature set, the edited corpus's, and the entries only the edited one names."""
+    full, edited = corpus
+    kept = extract_in_process(full, *PAIRS[0], root)
+    dropped = extract_in_process(edited, *PAIRS[0], root)
+    return kept, dropped, names_of(dropped) - names_of(kept)
+
+
 def age(paths, when: float = HOURS_AGO_2) -> None:
     for path in paths:
         os.utime(path, (when, when))
@@ -259,10 +267,7 @@ def test_drop_set_deletes_the_set_and_then_only_the_entries_no_other_set_needs(t
 
 def test_uri_root_prunes_the_store_then_the_mirror_of_each_node(corpus, bucket, monkeypatch, tmp_path: Path):
     uri, fs, prefix = bucket
-    full, edited = corpus
-    kept = extract_in_process(full, *PAIRS[0], uri)
-    dropped = extract_in_process(edited, *PAIRS[0], uri)
-    own = names_of(dropped) - names_of(kept)
+    kept, dropped, own = full_and_edited_sets(corpus, uri)
     driver = FeatureCache(uri)
     assert own <= set(entry_files(driver.root)), "the driver's mirror holds what it wrote"
 
@@ -438,10 +443,7 @@ sys.exit(result.exit_code)
 @pytest.mark.slow
 def test_cli_prune_with_an_address_prunes_the_mirror_on_every_node(corpus, bucket, monkeypatch, tmp_path: Path):
     uri, fs, prefix = bucket
-    full, edited = corpus
-    kept = extract_in_process(full, *PAIRS[0], uri)
-    dropped = extract_in_process(edited, *PAIRS[0], uri)
-    own = names_of(dropped) - names_of(kept)
+    kept, dropped, own = full_and_edited_sets(corpus, uri)
     node_mirror = tmp_path / "mirror-node"
     monkeypatch.setenv(MIRROR_ENV, str(node_mirror))
     load_every_document(FeatureCache(uri), [dropped])  # this node has read the set to be dropped

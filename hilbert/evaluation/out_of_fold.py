@@ -12,6 +12,7 @@ fold that produced them), but figures read the documents of one fold model only
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -149,8 +150,6 @@ def predictions_table(predictions: OutOfFoldPredictions, classes: Mapping[str, S
     """One row per (repeat, document, task): doc_id, repeat, fold, task, the true label (null
     when unlabelled), the predicted class and the class probabilities (in the order of the
     schema's ``classes`` metadata, a JSON object task -> class names)."""
-    import json
-
     columns: dict[str, list[Any]] = {name: [] for name in
                                      ("doc_id", "repeat", "fold", "task", "label", "predicted", "probabilities")}
     for task, names in classes.items():

@@ -181,13 +181,14 @@ def _number(value: float) -> float | None:
 
 def compare_methods(predictions: Mapping[str, OutOfFoldPredictions], fold_tables: Mapping[str, FoldTable],
                     tasks: Sequence[str], reference: str | None, *, replicates: int = BOOTSTRAP_REPLICATES,
-                    seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
+                    seed: int = 0, fold_metric: str = "{task}/auc") -> dict[str, dict[str, dict[str, Any]]]:
     """method -> task -> the reported figures of ``task``:
 
     ``pooled_auc`` and its ``ci95``, ``fold_mean``/``fold_std`` of the test AUC with
     ``folds_defined`` of ``folds``, and against ``reference`` (when given and not the method
     itself) ``vs_reference``: ``difference``, its ``ci95``, ``p`` and ``differs``. Every method
-    is resampled with the same replicates, so the comparisons are paired.
+    is resampled with the same replicates, so the comparisons are paired. ``fold_metric`` names
+    a task's AUC in the fold tables.
     """
     methods = list(predictions)
     if not methods:
@@ -208,7 +209,7 @@ def compare_methods(predictions: Mapping[str, OutOfFoldPredictions], fold_tables
         report[name] = {}
         for task in tasks:
             values = curves[name][task]
-            key = f"{task}/auc"
+            key = fold_metric.format(task=task)
             entry: dict[str, Any] = {
                 "pooled_auc": _number(values[0]), "ci95": _interval(values[1:]),
                 "fold_mean": _number(table.mean.get(key, math.nan)) if table else None,

@@ -72,6 +72,11 @@ class Split:
         return {doc for fold in first for doc in (*fold.train, *fold.validation, *fold.test)}
 
 
+def group_of(doc) -> str:
+    """What the split keeps together: the document's group, else the document alone."""
+    return doc.group if doc.group is not None else f"\0{doc.doc_id}"
+
+
 def _stratified_group_parts(ids: list[str], strata: list[str], groups: list[str], parts: int, seed: int
                             ) -> list[list[int]]:
     """Indices of each of ``parts`` stratified, grouped parts of ``ids``."""
@@ -97,7 +102,7 @@ def make_split(manifest: Manifest, k: int, *, stratify: str | None = None, seed:
     if stratify is not None and stratify not in manifest.tasks:
         raise SplitError(f"stratification task {stratify!r} is not in the corpus (tasks: {manifest.tasks})")
     ids = [doc.doc_id for doc in manifest]
-    groups = [doc.group if doc.group is not None else f"\0{doc.doc_id}" for doc in manifest]
+    groups = [group_of(doc) for doc in manifest]
     strata = [(doc.labels.get(stratify) or UNLABELLED) if stratify else UNLABELLED for doc in manifest]
     if len(set(groups)) < k:
         raise SplitError(f"{len(set(groups))} groups cannot fill {k} folds: lower k or give fewer documents a shared group")

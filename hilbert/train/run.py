@@ -33,7 +33,7 @@ from hilbert.features.cache import FeatureCache, FeatureSet, atomic_write_json
 from hilbert.features.extract import extract_features
 from hilbert.train.baseline import logistic_regression_folds, mean_pooled_features
 from hilbert.train.config import TrainConfig
-from hilbert.train.folds import Split, load_or_make_split
+from hilbert.train.folds import Split, group_of, load_or_make_split
 from hilbert.train.loop import STATE_FILE
 
 BASELINE = "baseline_logreg"
@@ -76,12 +76,9 @@ class CrossValidationResult:
     def summarise(self, seed: int = 0) -> None:
         """Pooled AUC with its interval, fold mean/std, paired comparison with :data:`REFERENCE`."""
         tables = {method: self.fold_table(method) for method in self.methods}
-        # Fold tables name the test figures test/<task>/auc; the summary reads <task>/auc.
-        renamed = {method: FoldTable.from_folds({fold: {k.removeprefix("test/"): v for k, v in metrics.items()}
-                                                 for fold, metrics in table.folds.items()})
-                   for method, table in tables.items()}
-        self.comparison = compare_methods(self.predictions, renamed, self.tasks,
-                                          REFERENCE if REFERENCE in self.predictions else None, seed=seed)
+        self.comparison = compare_methods(self.predictions, tables, self.tasks,
+                                          REFERENCE if REFERENCE in self.predictions else None, seed=seed,
+                                          fold_metric="test/{task}/auc")
 
     def pooled_auc(self, method: str, task: str) -> float:
         value = self.comparison.get(method, {}).get(task, {}).get("pooled_auc")
@@ -241,7 +238,7 @@ def run_cross_validation(config: TrainConfig, *, manifest: Manifest | None = Non
 
 def document_groups(manifest: Manifest) -> dict[str, str]:
     """doc_id -> what the split keeps together (its group, else the document itself)."""
-    return {doc.doc_id: doc.group if doc.group is not None else f"\0{doc.doc_id}" for doc in manifest}
+    return {doc.doc_id: group_of(doc) for doc in manifest}
 
 
 def collect_fold_models(fit, destination: Path) -> tuple[dict[int, dict[str, float]], str]:
