@@ -97,6 +97,7 @@ def _join(where: str, name: Any) -> str:
     return f"{where}.{name}" if where else str(name)
 
 
+# Not pydantic's TypeAdapter: it reads dicts into stdlib dataclasses only leniently ("5" as int) or via JSON.
 def _coerce(annotation: Any, value: Any, where: str) -> Any:
     origin = get_origin(annotation)
     if annotation is Any:
