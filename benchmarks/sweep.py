@@ -93,7 +93,7 @@ def sequential_optuna(path: Path, trials: int) -> dict[str, float]:
 def through_hilbert_sweep(path: Path, label: str, slots: int) -> dict[str, float]:
     from hilbert.ray_runtime import connect
     from hilbert.sweep.runner import run_sweep
-    from hilbert.sweep.tracking import child_runs
+    from hilbert.tracking.runs import child_runs
 
     started = time.perf_counter()
     connect(None)  # Ray's start is paid once per session, not per trial: timed apart

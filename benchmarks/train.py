@@ -40,7 +40,7 @@ def component_times(config, data, steps: int = 20) -> list[tuple[str, float]]:
 
     from hilbert.features.batches import DocumentFeatures, collate_documents
     from hilbert.features.cache import FeatureCache
-    from hilbert.losses import HilbertObjective, cka_loss, dual_contrastive_loss, information_balance_loss, masked_task_loss
+    from hilbert.losses import HilbertLoss, cka_loss, dual_contrastive_loss, information_balance_loss, masked_task_loss
     from hilbert.model.hilbert import HilbertModel
 
     ids = list(data.labels)[: config.optimization.batch_size]
@@ -49,7 +49,7 @@ def component_times(config, data, steps: int = 20) -> list[tuple[str, float]]:
     batch = collate_documents([dataset[i] for i in range(len(dataset))])
     model = HilbertModel(config.model_config(data.feature_set.audio_dim, data.feature_set.text_dim,
                                              data.label_maps.sizes()))
-    objective = HilbertObjective(config.loss)
+    objective = HilbertLoss(config.loss)
     optimizer = torch.optim.AdamW(list(model.parameters()) + list(objective.parameters()), lr=1e-3)
     timings: dict[str, list[float]] = {}
 

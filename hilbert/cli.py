@@ -193,9 +193,11 @@ def demo(
     from hilbert.data.demo import split_held_out, write_demo_corpus
     from hilbert.features.extract import extract_features
     from hilbert.sweep.config import load_sweep
-    from hilbert.sweep.registry import CHAMPION, RegistryError, promote as promote_model
-    from hilbert.sweep.runner import SweepError, SweepInterrupted, pair_key, run_sweep
-    from hilbert.sweep.tracking import ui_command
+    from hilbert.tracking.registry import CHAMPION, RegistryError, promote as promote_model
+    from hilbert.sweep.runner import run_sweep
+    from hilbert.sweep.state import SweepError, SweepInterrupted
+    from hilbert.sweep.trial import pair_key
+    from hilbert.tracking.store import ui_command
     from hilbert.train.run import TrainingError
 
     sweep_file = sweep_file or packaged(DEMO_SWEEP)
@@ -434,7 +436,7 @@ def _model(location: str, tracking_uri: Optional[str]) -> Iterator:
     import tempfile
 
     from hilbert.predict import ModelLocationError, load_predictor
-    from hilbert.sweep.registry import RegistryError, resolve_model
+    from hilbert.tracking.registry import RegistryError, resolve_model
 
     remote = "://" in location or location.startswith(("models:", "runs:"))
     with tempfile.TemporaryDirectory(prefix="hilbert-model-") as folder, _refusing(ModelLocationError, RegistryError):
@@ -443,7 +445,7 @@ def _model(location: str, tracking_uri: Optional[str]) -> Iterator:
 
 
 def _tracking_uri(explicit: Optional[str]) -> str:
-    from hilbert.sweep.tracking import resolve_tracking_uri
+    from hilbert.tracking.store import resolve_tracking_uri
 
     return resolve_tracking_uri(explicit, Path("runs"))
 
@@ -546,8 +548,9 @@ def sweep(
     the `challenger` (promote it with `hilbert promote`).
     """
     from hilbert.config import ConfigError
-    from hilbert.sweep.registry import RegistryError
-    from hilbert.sweep.runner import SweepError, SweepInterrupted, run_sweep
+    from hilbert.tracking.registry import RegistryError
+    from hilbert.sweep.runner import run_sweep
+    from hilbert.sweep.state import SweepError, SweepInterrupted
     from hilbert.train.run import TrainingError
 
     with _refusing(ConfigError, SweepError, TrainingError, RegistryError, FileNotFoundError, VersionMismatch), \
@@ -558,7 +561,7 @@ def sweep(
 
 
 def print_sweep_result(result) -> None:
-    from hilbert.sweep.tracking import ui_command
+    from hilbert.tracking.store import ui_command
 
     print_leaderboard(result.rows, f"sweep {result.name}: {len(result.rows)} trial(s) in {result.seconds:.0f} s")
     if result.model_version:
@@ -617,7 +620,8 @@ def runs(
     limit: int = typer.Option(20, help="Rows to show."),
 ) -> None:
     """The leaderboard of a sweep from MLflow, and the command that opens the MLflow UI."""
-    from hilbert.sweep.tracking import find_sweep, leaderboard, ui_command
+    from hilbert.tracking.leaderboard import find_sweep, leaderboard
+    from hilbert.tracking.store import ui_command
 
     uri = _tracking_uri(tracking_uri)
     with _refusing(LookupError):
@@ -640,7 +644,7 @@ def promote(
 ) -> None:
     """Compare the `challenger` with the `champion` on held-out documents; move `champion` when
     the challenger is better (or with --force). The decision goes into the version's tags."""
-    from hilbert.sweep.registry import RegistryError, promote as promote_model
+    from hilbert.tracking.registry import RegistryError, promote as promote_model
 
     corpus = _exit_on_bad_manifest(manifest)
     with _refusing(RegistryError):

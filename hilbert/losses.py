@@ -576,7 +576,7 @@ def hilbert_loss(
         labels: task -> ``[N]`` labels, ``-1`` for none (see ``masked_task_loss``).
         config: the weights and options.
         temperature: scalar; ``config.temperature`` (fixed) when None. Pass
-            ``LearnableTemperature()`` to learn it, or use ``HilbertObjective``.
+            ``LearnableTemperature()`` to learn it, or use ``HilbertLoss``.
         class_weights: task -> ``[C_task]``.
         document_ids: ``[N]`` dataset index of each document (a batch's ``"index"``): in the
             cross-modal terms a document repeated in the (global) batch is counted once.
@@ -643,7 +643,7 @@ def cross_modal_loss(
     return total, components
 
 
-class HilbertObjective(nn.Module):
+class HilbertLoss(nn.Module):
     """``hilbert_loss`` with its state: the (learnable) temperature and the class weights.
 
     Its one parameter (``temperature.log_temperature``) must go to the optimizer and the

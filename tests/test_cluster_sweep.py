@@ -35,7 +35,7 @@ import pytest
 from mlflow import MlflowClient
 
 from hilbert.data.demo import write_demo_corpus
-from hilbert.sweep.tracking import FINISHED, PARENT_TAG, ROLE_TAG, RUNNING, TRIAL_ID_TAG
+from hilbert.tracking.runs import FINISHED, PARENT_TAG, ROLE_TAG, RUNNING, TRIAL_ID_TAG
 from sessions import kill_session
 from test_sweep import (REPOSITORY, HILBERT, assert_challenger_is, best_finished, free_port, objective_history,
                         write_sweep)

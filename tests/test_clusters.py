@@ -27,7 +27,7 @@ SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").r
 EDIT_MARKER = re.compile(r"<EDIT:[a-z0-9-]+>")
 LOCKED = lockfile.pins()
 # The head's MLflow server listens on loopback only; trials on other nodes log through the sweep's
-# relay (hilbert/sweep/relay.py), so nothing but the head ever talks to it.
+# relay (hilbert/tracking/relay.py), so nothing but the head ever talks to it.
 HEAD_TRACKING_URI = "http://127.0.0.1:5000"
 
 

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
 from hilbert.losses import (
-    HilbertObjective,
+    HilbertLoss,
     LossConfig,
     all_gather_with_grad,
     cka_loss,
@@ -111,7 +111,7 @@ def _check_gather_and_global_batch_gradients(rank: int):
     torch.manual_seed(0)
     model = HilbertModel(_tiny_model_config())
     config = LossConfig(lambda_moe=0.0, lambda_cka=0.5, lambda_balance=0.5)
-    objective = HilbertObjective(config)
+    objective = HilbertLoss(config)
     audio, text, mask, labels = _documents()
     parameters = [*model.parameters(), *objective.parameters()]
     one_process = LossConfig(**{**vars(config), "gather": False})

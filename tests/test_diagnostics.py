@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from hilbert.features.batches import DocumentFeatures, LabelMaps
 from hilbert.features.cache import FeatureCache, FeatureSet
-from hilbert.evaluation.out_of_fold import out_of_fold_outputs
+from hilbert.train.out_of_fold import out_of_fold_outputs
 from hilbert.evaluation.predictions import predict_documents
 from hilbert.sweep.diagnostics import trial_figures
 from hilbert.train.checkpoint import load_model

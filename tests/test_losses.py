@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from hilbert.losses import (
     BALANCE_ESTIMATORS,
-    HilbertObjective,
+    HilbertLoss,
     InformationBalance,
     LearnableTemperature,
     LossConfig,
@@ -394,7 +394,7 @@ def test_unimodal_output_gets_only_task_and_load_balance_terms():
 
 
 def test_objective_learns_its_temperature_and_config_errors_name_the_field():
-    objective = HilbertObjective(LossConfig(temperature=0.1))
+    objective = HilbertLoss(LossConfig(temperature=0.1))
     labels = {"diagnosis": torch.zeros(8, dtype=torch.long), "severity": torch.ones(8, dtype=torch.long)}
     total, parts = objective(fake_output(), labels)
     total.backward()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hilbert.features.batches import LabelMaps
-from hilbert.losses import HilbertObjective, LossConfig, joint_attention_share
+from hilbert.losses import HilbertLoss, LossConfig, joint_attention_share
 from hilbert.model import HilbertModel, HilbertModelConfig
 from hilbert.model.moe import importance_cv_squared, switch_load_balance
 from hilbert.train.checkpoint import CheckpointInfo, load_model, save_checkpoint
@@ -121,7 +121,7 @@ def test_ablation_variants_select_the_shared_streams_and_turn_the_contrastive_te
     model = HilbertModel(tiny_config()).eval()
     audio, text, mask, labels = batch()
     with torch.no_grad():
-        total, parts = HilbertObjective(no_contrastive)(model(audio, text, mask), labels)
+        total, parts = HilbertLoss(no_contrastive)(model(audio, text, mask), labels)
     expected = parts["task"] + 0.1 * parts["cka"] + 0.1 * parts["balance"] + 0.01 * parts["load_balance"]
     assert parts["contrastive"].item() > 0 and total.item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -179,7 +179,7 @@ def test_a_document_gets_the_same_outputs_alone_and_in_a_batch():
 def test_gradient_reaches_every_parameter_through_the_full_objective():
     torch.manual_seed(0)
     model = HilbertModel(tiny_config()).train()
-    objective = HilbertObjective(LossConfig())
+    objective = HilbertLoss(LossConfig())
     audio, text, mask, labels = batch(n=6)
     total, parts = objective(model(audio, text, mask), labels)
     total.backward()
@@ -217,7 +217,7 @@ def test_ablations_run_forward_and_backward(model_overrides, loss_overrides):
         "text": text if config.modality != "audio" else None,
     }
     out = model(inputs["audio"], inputs["text"], mask)
-    total, parts = HilbertObjective(LossConfig(**loss_overrides))(out, labels)
+    total, parts = HilbertLoss(LossConfig(**loss_overrides))(out, labels)
     total.backward()
     assert torch.isfinite(total)
     assert out.joint_embedding.shape == (4, 8)
@@ -255,7 +255,7 @@ def test_model_and_objective_run_under_bfloat16_autocast():
     audio, text, mask, labels = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(audio, text, mask)
-        total, _ = HilbertObjective(LossConfig())(out, labels)
+        total, _ = HilbertLoss(LossConfig())(out, labels)
     total.backward()
     assert total.dtype == torch.float32 and torch.isfinite(total)
 

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from hilbert.features.batches import LabelMaps
 from hilbert.model.hilbert import HilbertModel, HilbertModelConfig
 from hilbert.predict import load_predictor
-from hilbert.sweep.registry import RegistryError, promote, register_checkpoint, resolve_model
-from hilbert.sweep.tracking import Experiment, SweepTracker, TrialTracker, mlflow_client
+from hilbert.tracking.registry import RegistryError, promote, register_checkpoint, resolve_model
+from hilbert.tracking.runs import SweepTracker, TrialTracker
+from hilbert.tracking.store import Experiment, mlflow_client
 from hilbert.train.checkpoint import CheckpointInfo, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
@@ -101,7 +102,7 @@ def test_resolved_alias_loads_in_a_new_process_with_the_same_weights(tmp_path, s
     script = textwrap.dedent("""
         import json, sys
         from hilbert.predict import load_predictor
-        from hilbert.sweep.registry import resolve_model
+        from hilbert.tracking.registry import resolve_model
         folder = resolve_model("models:/fresh@challenger", "downloaded")
         model, _ = load_predictor(folder).models[0]
         json.dump({name: tensor.double().sum().item() for name, tensor in model.state_dict().items()}, sys.stdout)

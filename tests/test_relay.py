@@ -11,8 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from hilbert.sweep.relay import needs_relay, start_relay  # noqa: E402
-from hilbert.sweep.tracking import Experiment, TrialTracker  # noqa: E402
+from hilbert.tracking.relay import RelayedClient, needs_relay, start_relay  # noqa: E402
+from hilbert.tracking.runs import TrialTracker  # noqa: E402
+from hilbert.tracking.store import Experiment  # noqa: E402
 
 
 @pytest.mark.parametrize("uri, local_ray, relayed", [
@@ -35,7 +36,7 @@ def test_what_a_trial_logs_through_the_relay_lands_in_the_store(local_ray, tmp_p
     direct = Experiment.open(uri, "relayed")
     relay = start_relay(uri)
     try:
-        relayed = Experiment(direct.uri, direct.experiment_id, direct.name, relay=relay)
+        relayed = Experiment(direct.uri, direct.experiment_id, direct.name, relayed=RelayedClient(relay))
         assert relayed == direct  # the relay is how, not where
         folder = tmp_path / "model"
         (folder / "fold_0").mkdir(parents=True)

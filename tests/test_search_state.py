@@ -16,7 +16,9 @@ from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.utils.serialization import TuneFunctionEncoder
 
 from hilbert.sweep.config import load_sweep
-from hilbert.sweep.search import OBJECTIVE, make_searcher, repair_saved_search
+from hilbert.sweep.resume import repair_saved_search
+from hilbert.sweep.search import make_searcher
+from hilbert.train.report import OBJECTIVE
 
 REPOSITORY = Path(__file__).parents[1]
 SESSION = "2026-11-26_06-00-00"

@@ -32,8 +32,8 @@ from hilbert.data.manifest import load_manifest
 from hilbert.features.cache import FeatureCache
 from hilbert.features.extract import extract_features
 from hilbert.sweep.runner import run_sweep
-from hilbert.sweep.search import saved_optuna_search
-from hilbert.sweep.tracking import FAILED, FINISHED, KILLED, PARENT_TAG, ROLE_TAG, RUNNING, TRIAL_ID_TAG
+from hilbert.sweep.resume import saved_optuna_search
+from hilbert.tracking.runs import FAILED, FINISHED, KILLED, PARENT_TAG, ROLE_TAG, RUNNING, TRIAL_ID_TAG
 from sessions import communicate_or_explain, kill_session
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,8 @@ from hilbert.config import ConfigError
 from hilbert.data.demo import split_held_out
 from hilbert.features.batches import LabelMaps
 from hilbert.sweep.config import load_sweep
-from hilbert.sweep.runner import SweepError, _fitting_concurrency, _trial_resources
+from hilbert.sweep.runner import _fitting_concurrency, _trial_resources
+from hilbert.sweep.state import SweepError
 from hilbert.sweep.search import make_scheduler
 from hilbert.train.baseline import logistic_regression_held_out
 from hilbert.evaluation.predictions import objective_score

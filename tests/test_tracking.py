@@ -18,10 +18,9 @@ import pytest
 from matplotlib.figure import Figure
 
 from hilbert.sweep import plots
-from hilbert.sweep.tracking import (
-    LOST_TAG, Experiment, SweepTracker, TrialTracker, close_unfinished_runs, end_trial, leaderboard, resolve_tracking_uri,
-    ui_command,
-)
+from hilbert.tracking.leaderboard import leaderboard
+from hilbert.tracking.runs import LOST_TAG, SweepTracker, TrialTracker, close_unfinished_runs, end_trial
+from hilbert.tracking.store import Experiment, resolve_tracking_uri, ui_command
 
 SEARCH = {"loss.lambda_cka": {"type": "loguniform", "low": 0.01, "high": 1.0},
           "data.encoders": {"type": "choice", "values": [["logmel", "hashngram"], ["hf:a", "hf:b"]]}}
@@ -143,7 +142,8 @@ def test_sigterm_ends_the_trial_killed_and_the_process_with_143(experiment: Expe
     sweep = start_sweep(experiment)
     script = textwrap.dedent(f"""
         import os, signal, time
-        from hilbert.sweep.tracking import Experiment, TrialTracker
+        from hilbert.tracking.runs import TrialTracker
+        from hilbert.tracking.store import Experiment
         experiment = Experiment(*{(experiment.uri, experiment.experiment_id, experiment.name)!r})
         with TrialTracker(experiment, {sweep.run_id!r}, "terminated"):
             os.kill(os.getpid(), signal.SIGTERM)
@@ -252,7 +252,7 @@ def test_every_figure_renders_to_png_and_tolerates_an_absent_class(tmp_path: Pat
 def test_the_sweep_logs_an_epoch_a_resumed_trial_repeats_only_when_it_is_missing(experiment: Experiment):
     from types import SimpleNamespace
 
-    from hilbert.sweep.runner import TrialRunsCallback
+    from hilbert.sweep.callback import TrialRunsCallback
     from hilbert.train.loop import REPEATED_REPORT
 
     sweep = start_sweep(experiment)

@@ -13,11 +13,12 @@ import torch
 from hilbert.config import to_dict
 from hilbert.features.batches import LabelMaps
 from hilbert.features.cache import FeatureCache, FeatureSet
-from hilbert.train.checkpoint import CheckpointInfo, load_model, load_training_state, save_checkpoint
+from hilbert.train.checkpoint import CheckpointInfo, CheckpointMismatch, load_model, load_training_state, save_checkpoint
 from hilbert.train.config import TrainConfig
 from hilbert.train.folds import make_split
-from hilbert.train.loop import REPEATED_REPORT, WorkerContext, train_folds
+from hilbert.train.loop import WorkerContext, train_folds
 from hilbert.model.hilbert import HilbertModel, HilbertModelConfig
+from hilbert.train.report import REPEATED_REPORT
 
 AUDIO_DIM, TEXT_DIM = 12, 20
 
@@ -151,6 +152,18 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path):
         assert results[fold]["val/score"] == pytest.approx(metrics["val/score"], abs=1e-6)
         assert results[fold]["test/score"] == pytest.approx(metrics["test/score"], abs=1e-6)
     assert resumed.metrics[-1]["train/total"] == pytest.approx(full.metrics[-1]["train/total"], rel=1e-5)
+
+
+def test_a_run_continued_with_another_model_is_refused_naming_the_fields(tmp_path: Path):
+    """A checkpoint of one architecture never loads into another (a run resumed after its model
+    config, or a default, changed): the error names each differing field and both values."""
+    first = Recorder(tmp_path / "first", die_after_epoch=0)
+    with pytest.raises(WorkerDied):
+        train_folds(synthetic_plan(tmp_path / "run", epochs=3), WorkerContext(report=first))
+    changed = synthetic_plan(tmp_path / "run", epochs=3)
+    changed["config"]["model"]["streams"] = "shared"
+    with pytest.raises(CheckpointMismatch, match=r"model\.streams='separate'.*this run builds model\.streams='shared'"):
+        train_folds(changed, WorkerContext(resume_from=first.checkpoints[-1]))
 
 
 def test_early_stopping_ends_folds_without_improvement(tmp_path: Path):

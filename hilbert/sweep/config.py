@@ -78,7 +78,7 @@ class Parameter:
 
 
 @dataclass
-class Objective:
+class SweepObjective:
     """What the sweep maximises: the mean over folds of per-task macro AUC, weighted over tasks."""
 
     tasks: list[str] | None = None  # default: every task of the corpus (or the tasks of `weights`)
@@ -136,7 +136,7 @@ class SweepConfig:
     search: dict[str, Parameter]
     name: str = "sweep"
     overrides: dict[str, Any] = field(default_factory=dict)  # edits of the base config for every trial
-    objective: Objective = field(default_factory=Objective)
+    objective: SweepObjective = field(default_factory=SweepObjective)
     trials: int = 8
     concurrency: int = 1
     resources: Resources = field(default_factory=Resources)

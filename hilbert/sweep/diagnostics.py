@@ -1,7 +1,7 @@
 """The figures of a trial, drawn from its fold models' test predictions.
 
 A trial ends with one model per cross-validation fold; each predicts its fold's test documents
-(:mod:`hilbert.evaluation.out_of_fold`), so every document gets one honest prediction per
+(:mod:`hilbert.train.out_of_fold`), so every document gets one honest prediction per
 repeat, never seen in training: the ROC curves and confusion matrices of the whole corpus
 rather than of one small fold (the first repeat's rows, each document once). The CKA, expert
 and attention figures read one fold model's documents only (embedding spaces and expert numbers
@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 from matplotlib.figure import Figure
 
-from hilbert.evaluation.out_of_fold import OutOfFold
+from hilbert.train.out_of_fold import OutOfFold
 from hilbert.sweep.plots import confusion_matrices, cka_matrix, expert_utilisation, roc_curves, segment_attention
 
 

@@ -32,6 +32,10 @@ from hilbert.model.hilbert import OLDER_CONFIG_VALUES, HilbertModel, HilbertMode
 FORMAT = "hilbert-checkpoint/1"
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint that cannot continue this run: it holds another model."""
+
+
 @dataclass
 class CheckpointInfo:
     """The JSON half of a checkpoint."""
@@ -102,15 +106,28 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
 
 def load_training_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
                         ) -> tuple[CheckpointInfo, dict[str, Any]]:
-    """Restore weights (and optimizer state) in place for resuming; returns info and extra."""
+    """Restore weights (and optimizer state) in place for resuming; returns info and extra.
+
+    A checkpoint of another architecture than ``model`` (a run continued with a changed model
+    config, or started before a default changed) is refused with the differing fields, before
+    any weights are read."""
     folder = Path(folder)
+    info = load_info(folder)
+    built = to_dict(_unwrap(model).config)
+    differing = {name: (value, built.get(name)) for name, value in to_dict(info.model).items() if built.get(name) != value}
+    if differing:
+        raise CheckpointMismatch(
+            f"checkpoint {folder} holds a model with " + ", ".join(f"model.{k}={v!r}" for k, (v, _) in differing.items())
+            + "; this run builds " + ", ".join(f"model.{k}={v!r}" for k, (_, v) in differing.items())
+            + ": continue it with the model config it was started with (the `model:` section of its YAML; for a sweep, "
+            "`base_config.model` in its sweep.json), or train into a new output folder")
     _unwrap(model).load_state_dict(load_file(str(folder / "model.safetensors")))
     if optimizer is not None and (folder / "optimizer.json").is_file():
         rest = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
         tensors = load_file(str(folder / "optimizer.safetensors"))
         optimizer.load_state_dict(_join_optimizer_state(tensors, rest))
     extra = json.loads((folder / "extra.json").read_text(encoding="utf-8")) if (folder / "extra.json").is_file() else {}
-    return load_info(folder), extra
+    return info, extra
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

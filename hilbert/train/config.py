@@ -101,7 +101,7 @@ class OptimizationConfig:
 
 
 @dataclass
-class ScalingSection:
+class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -122,7 +122,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     cv: CrossValidationConfig = field(default_factory=CrossValidationConfig)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
     variants: list[str] = field(default_factory=lambda: ["hilbert"])
     baseline: bool = True  # also report logistic regression on mean-pooled features
     output_dir: str = "runs"

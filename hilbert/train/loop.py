@@ -41,16 +41,15 @@ from hilbert.config import to_dict
 from hilbert.evaluation.predictions import evaluate, objective_score
 from hilbert.features.batches import DocumentFeatures, LabelMaps, collate_documents, segment_statistics
 from hilbert.features.cache import FeatureCache, FeatureSet
-from hilbert.losses import HilbertObjective
+from hilbert.losses import HilbertLoss
 from hilbert.model.hilbert import HilbertModel
 from hilbert.train.checkpoint import CheckpointInfo, load_training_state, save_checkpoint
 from hilbert.train.config import TrainConfig
 from hilbert.train.plan import Plan, fold_dataset
+from hilbert.train.report import (ACTIVE_FOLDS, EPOCH, EPOCH_SCORE, EPOCHS_COMPLETED, OBJECTIVE, REPEATED_REPORT,
+                                  TEST_OBJECTIVE)
 
 STATE_FILE = "state.json"
-# Set on a report that repeats the epoch a resumed run restored (see train_folds): a sweep logs
-# it only if the epoch is missing from the trial's run, and schedulers see it again harmlessly.
-REPEATED_REPORT = "repeated_after_resume"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +95,7 @@ def ray_train_entry(plan: dict[str, Any]) -> None:
 class FoldRun:
     fold: int
     model: nn.Module  # DistributedDataParallel-wrapped under DDP
-    objective: HilbertObjective
+    loss: HilbertLoss
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     train_loader: DataLoader
@@ -117,7 +116,7 @@ class FoldRun:
     @property
     def temperature(self) -> float:
         """The InfoNCE temperature as trained so far (what validation diagnostics use)."""
-        return float(self.objective.temperature().detach())
+        return float(self.loss.temperature().detach())
 
     @property
     def core(self) -> HilbertModel:
@@ -211,20 +210,20 @@ def _build_fold(plan: Plan, cache: FeatureCache, fold: int, context: WorkerConte
         model.set_feature_statistics(modality, mean, std)
     model = model.to(context.device)
     class_weights = _class_weights(train_set, plan.label_maps, config.optimization.class_weighting, context.device)
-    objective = HilbertObjective(config.loss, class_weights).to(context.device)
+    loss = HilbertLoss(config.loss, class_weights).to(context.device)
     if context.world_size > 1:
         # Unimodal ablations leave the other stream's parameters unused in some steps.
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[context.device.index] if context.device.type == "cuda" else None,
             find_unused_parameters=model_config.modality != "both")
-    parameters = list(model.parameters()) + list(objective.parameters())
+    parameters = list(model.parameters()) + list(loss.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.optimization.learning_rate,
                                   weight_decay=config.optimization.weight_decay)
     steps_per_epoch = max(1, len(loader))
     warmup = config.optimization.warmup_epochs * steps_per_epoch
     total = config.optimization.epochs * steps_per_epoch
     scheduler = warmup_cosine_schedule(optimizer, warmup, total)
-    return FoldRun(fold, model, objective, optimizer, scheduler, loader, validation, test)
+    return FoldRun(fold, model, loss, optimizer, scheduler, loader, validation, test)
 
 
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int
@@ -273,7 +272,7 @@ def _train_one_epoch(run: FoldRun, config: TrainConfig, context: WorkerContext) 
         labels = {task: value.to(context.device) for task, value in batch["labels"].items()}
         with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=autocast):
             output = run.model(audio, text, mask)
-        loss, components = run.objective(output, labels, document_ids=batch["index"])
+        loss, components = run.loss(output, labels, document_ids=batch["index"])
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.optimization.grad_clip > 0:
@@ -336,17 +335,17 @@ def _score_tests(runs: list[FoldRun], plan: Plan, context: WorkerContext) -> Non
 def _epoch_metrics(runs: list[FoldRun], epoch: int) -> dict[str, Any]:
     """One flat dict per epoch: means over folds of training losses and validation metrics
     (``objective`` is the validation score, the selection signal), and once the test documents
-    are scored, the means of the folds' test figures (``test/...``, ``test/objective``)."""
-    # epochs_completed counts from 1 whatever the resume point: the time axis of Tune's schedulers.
-    metrics: dict[str, Any] = {"epoch": epoch, "epochs_completed": epoch + 1, "active_folds": sum(not r.done for r in runs)}
+    are scored, the means of the folds' test figures (``test/...``, ``test/objective``). The
+    names are :mod:`hilbert.train.report`'s."""
+    metrics: dict[str, Any] = {EPOCH: epoch, EPOCHS_COMPLETED: epoch + 1, ACTIVE_FOLDS: sum(not r.done for r in runs)}
     best = [r.best_score for r in runs if r.best_score > -math.inf]
-    metrics["objective"] = float(np.mean(best)) if best else math.nan  # mean over folds of best-so-far
+    metrics[OBJECTIVE] = float(np.mean(best)) if best else math.nan  # mean over folds of best-so-far
     # The learning curve (objective never falls): this epoch's score, over the folds it trained.
     trained = [r.last_score for r in runs if r.scored_epoch == epoch and not math.isnan(r.last_score)]
-    metrics["epoch_score"] = float(np.mean(trained)) if trained else math.nan
+    metrics[EPOCH_SCORE] = float(np.mean(trained)) if trained else math.nan
     tested = [r.test_metrics["score"] for r in runs if r.test_metrics and not math.isnan(r.test_metrics["score"])]
     if any(r.test_metrics for r in runs):
-        metrics["test/objective"] = float(np.mean(tested)) if tested else math.nan
+        metrics[TEST_OBJECTIVE] = float(np.mean(tested)) if tested else math.nan
     for prefix, source in (("train", "last_train"), ("val", "last_validation"), ("test", "test_metrics")):
         names = sorted({name for run in runs for name in getattr(run, source)})
         for name in names:
@@ -371,7 +370,8 @@ def _write_checkpoint(runs: list[FoldRun], plan: Plan, epoch: int, context: Work
                               features=feature_description(plan.feature_set),
                               training={**to_dict(plan.config), "variant": plan.variant, "fold": run.fold},
                               epoch=epoch, metrics=run.best_metrics)
-        extra = {"scheduler": run.scheduler.state_dict(), "objective": _objective_state(run.objective)}
+        # "objective": the loss's learnable state (its temperature), under the key checkpoints have always used.
+        extra = {"scheduler": run.scheduler.state_dict(), "objective": _loss_state(run.loss)}
         save_checkpoint(folder / f"fold_{run.fold}", run.core, info, run.optimizer, extra)
         if run.best_state is not None:
             best_model = copy.deepcopy(run.core)
@@ -392,8 +392,8 @@ def feature_description(feature_set: FeatureSet) -> dict[str, Any]:
             "audio_fingerprint": feature_set.audio_fingerprint, "text_fingerprint": feature_set.text_fingerprint}
 
 
-def _objective_state(objective: HilbertObjective) -> dict[str, list[float]]:
-    return {name: tensor.detach().cpu().flatten().tolist() for name, tensor in objective.state_dict().items()}
+def _loss_state(loss: HilbertLoss) -> dict[str, list[float]]:
+    return {name: tensor.detach().cpu().flatten().tolist() for name, tensor in loss.state_dict().items()}
 
 
 def _resume(runs: list[FoldRun], folder: Path) -> tuple[int, dict[str, Any] | None]:
@@ -406,8 +406,8 @@ def _resume(runs: list[FoldRun], folder: Path) -> tuple[int, dict[str, Any] | No
     for run in runs:
         _, extra = load_training_state(folder / f"fold_{run.fold}", run.model, run.optimizer)
         run.scheduler.load_state_dict(extra["scheduler"])
-        run.objective.load_state_dict({name: torch.tensor(values).reshape(tensor.shape) for (name, values), tensor
-                                       in zip(extra["objective"].items(), run.objective.state_dict().values())})
+        run.loss.load_state_dict({name: torch.tensor(values).reshape(tensor.shape) for (name, values), tensor
+                                  in zip(extra["objective"].items(), run.loss.state_dict().values())})
         entry = saved[run.fold]
         run.best_score, run.best_epoch = entry["best_score"], entry["best_epoch"]
         run.epochs_since_best, run.done, run.best_metrics = entry["epochs_since_best"], entry["done"], entry["best_metrics"]

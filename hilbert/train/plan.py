@@ -1,7 +1,8 @@
 """The plan of a cross-validated training run: everything a worker needs, as plain JSON.
 
-Built once by :func:`hilbert.train.run.make_plan` on the driver; read by the training loop on
-every worker and by evaluation (test predictions of the fold models) afterwards.
+Built once on the driver (:func:`hilbert.train.run.make_plan`), sent to every worker as
+:meth:`Plan.to_json`, read back there by :meth:`Plan.from_json` (the training loop) and
+afterwards by the test predictions of the fold models.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hilbert.config import from_dict
+from hilbert.config import from_dict, to_dict
 from hilbert.features.batches import DocumentFeatures, LabelMaps, shared_documents
 from hilbert.features.cache import FeatureCache, FeatureSet
 from hilbert.train.config import TrainConfig
@@ -24,6 +25,11 @@ class Plan:
     label_maps: LabelMaps
     labels: dict[str, dict[str, int]]  # doc_id -> task -> class index (-1: unlabelled)
     folds: list[dict[str, Any]]  # hilbert.train.folds.Fold as JSON: index, repeat, train, validation, test
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": to_dict(self.config), "variant": self.variant, "cache_dir": self.cache_dir,
+                "feature_set": to_dict(self.feature_set), "label_maps": self.label_maps.to_json(),
+                "labels": self.labels, "folds": self.folds}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Plan":

@@ -26,7 +26,6 @@ import numpy as np
 from hilbert import storage
 from hilbert.config import to_dict
 from hilbert.data.manifest import Manifest, load_manifest
-from hilbert.evaluation.out_of_fold import out_of_fold_outputs, predictions_table
 from hilbert.evaluation.summary import FoldTable, OutOfFoldPredictions, compare_methods
 from hilbert.features.batches import LabelMaps
 from hilbert.features.cache import FeatureCache, FeatureSet, atomic_write_json
@@ -35,6 +34,8 @@ from hilbert.train.baseline import logistic_regression_folds, mean_pooled_featur
 from hilbert.train.config import TrainConfig
 from hilbert.train.folds import Split, group_of, load_or_make_split
 from hilbert.train.loop import STATE_FILE
+from hilbert.train.out_of_fold import out_of_fold_outputs, predictions_table
+from hilbert.train.plan import Plan
 
 BASELINE = "baseline_logreg"
 REFERENCE = "hilbert"  # what every other method is compared with, when it ran
@@ -154,10 +155,8 @@ def _load_or_make_split(config: TrainConfig, manifest: Manifest, manifest_sha256
 
 def make_plan(config: TrainConfig, data: PreparedData, variant: str) -> dict[str, Any]:
     """The JSON a worker receives: config with the variant applied, features, labels, folds."""
-    return {"config": to_dict(config.variant(variant)), "variant": variant,
-            "cache_dir": storage.absolute(config.data.cache_dir), "feature_set": to_dict(data.feature_set),
-            "label_maps": data.label_maps.to_json(), "labels": data.labels,
-            "folds": [dataclasses.asdict(fold) for fold in data.split.folds]}
+    return Plan(config.variant(variant), variant, storage.absolute(config.data.cache_dir), data.feature_set,
+                data.label_maps, data.labels, [dataclasses.asdict(fold) for fold in data.split.folds]).to_json()
 
 
 def build_trainer(plan: dict[str, Any], config: TrainConfig, run_name: str, storage_path: Path | str,

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from hilbert.tracking.store import mlflow_client
+
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
@@ -36,8 +38,6 @@ class MlflowRelay:
     """The driver-side end: one MLflow client, called by trials (a Ray actor; see start_relay)."""
 
     def __init__(self, tracking_uri: str):
-        from hilbert.sweep.tracking import mlflow_client
-
         self.client = mlflow_client(tracking_uri)
 
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
@@ -70,7 +70,8 @@ def start_relay(tracking_uri: str):
 
 
 class RelayedClient:
-    """The trial-side end: :class:`mlflow.MlflowClient`'s methods, run by the relay."""
+    """The trial-side end: :class:`mlflow.MlflowClient`'s methods, run by the relay (what an
+    :class:`~hilbert.tracking.store.Experiment` hands its users as ``client`` when ``relayed``)."""
 
     def __init__(self, relay):
         self._relay = relay

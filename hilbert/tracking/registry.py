@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -27,12 +26,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from hilbert.sweep.tracking import ENV_TRACKING_URI, mlflow_client, to_json  # first: turns MLflow telemetry off
-from hilbert.train.checkpoint import CheckpointInfo, load_info
+from hilbert.tracking.store import NoTrackingStore, mlflow_client, resolve_tracking_uri  # first: telemetry off
 
-import mlflow.artifacts
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
+import mlflow.artifacts  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from hilbert.tracking.names import to_json  # noqa: E402
+from hilbert.train.checkpoint import CheckpointInfo, load_info  # noqa: E402
 
 MODEL_FOLDER = "model"
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -46,12 +47,12 @@ class RegistryError(ValueError):
 
 
 def registry_client(tracking_uri: str | None) -> tuple[str, MlflowClient]:
-    """The store to use: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``; never MLflow's implicit
-    default, which would be a new ``mlflow.db`` in whatever directory the process runs in."""
-    uri = tracking_uri or os.environ.get(ENV_TRACKING_URI)
-    if not uri:
-        raise RegistryError("no MLflow store given: pass tracking_uri (e.g. sqlite:///runs/mlruns.db) "
-                            f"or set {ENV_TRACKING_URI}")
+    """The store to use: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``
+    (:func:`~hilbert.tracking.store.resolve_tracking_uri` without a default folder)."""
+    try:
+        uri = resolve_tracking_uri(tracking_uri, None)
+    except NoTrackingStore as error:
+        raise RegistryError(str(error)) from None
     return uri, mlflow_client(uri)
 
 

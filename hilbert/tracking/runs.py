@@ -1,62 +1,40 @@
-"""MLflow tracking of sweeps: one parent run per sweep, one nested child run per trial.
+"""MLflow runs of sweeps: one parent run per sweep, one nested child run per trial, and the
+queries that find them again.
 
-Every call goes through an explicit :class:`mlflow.MlflowClient` bound to one tracking URI, never
-through MLflow's process-global "active run": trials run in other processes (Ray actors), several
-can share a process, and a global run is what leaves runs stuck RUNNING. What a trial needs to
-find its run is plain and picklable: an :class:`Experiment` (URI, id, name), the parent run id
-and the trial id.
-
-Nesting uses MLflow's own ``mlflow.parentRunId`` tag (the UI draws the tree from it); a
-``trial_id`` tag lets a resumed sweep find a trial's run again, reopen it and continue, instead
-of leaving a RUNNING orphan beside a new run. Runs end FINISHED on success, FAILED on an
-exception, KILLED on Ctrl-C, SIGTERM or a scheduler stop; :func:`close_unfinished_runs` ends
-whatever a killed process could not.
-
-Metric names are sanitised (MLflow refuses ``@``, ``(``, ``//`` ...), NaN and infinite values are
-skipped (MLflow stores them but its charts break on them).
+What a trial needs to find its run is plain and picklable: an :class:`Experiment` (URI, id,
+name), the parent run id and the trial id. Nesting uses MLflow's own ``mlflow.parentRunId`` tag
+(the UI draws the tree from it); a ``trial_id`` tag lets a resumed sweep find a trial's run again,
+reopen it and continue, instead of leaving a RUNNING orphan beside a new run. Runs end FINISHED
+on success, FAILED on an exception, KILLED on Ctrl-C, SIGTERM or a scheduler stop;
+:func:`close_unfinished_runs` ends whatever a killed process could not.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import importlib.metadata
-import json
 import logging
-import math
-import os
 import re
-import shlex
 import signal
-import subprocess
 import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-# MLflow 3 reports usage to a remote service unless told not to, and decides when ``mlflow`` is
-# first imported; hilbert sends nothing off the machine it was not asked to. MLflow 3.17 reads
-# MLFLOW_DISABLE_TELEMETRY (or DO_NOT_TRACK), not MLFLOW_ENABLE_TELEMETRY. An explicit setting in
-# the environment still wins.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from hilbert.tracking.store import Experiment  # first: turns MLflow telemetry off
 
-import numpy as np  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
 
 from hilbert.evaluation.summary import FoldTable  # noqa: E402
+from hilbert.tracking.names import finite_metrics, flatten_params, metric_key, to_json  # noqa: E402
+from hilbert.tracking.provenance import provenance_tags  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
-# MLflow announces every sqlite schema check at INFO ("Creating initial MLflow database tables...").
-for _chatty in ("mlflow.store.db.utils", "alembic.runtime.migration"):
-    logging.getLogger(_chatty).setLevel(logging.WARNING)
 
-ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
 TRIAL_ID_TAG = "trial_id"
 ROLE_TAG = "hilbert.role"  # "sweep" or "trial": lets queries tell the two apart
@@ -64,154 +42,10 @@ LOST_TAG = "lost"  # set on a trial run that the sweep, not the trial, had to en
 ERROR_TAG = "error"  # why a trial failed (the end of its traceback)
 PREVIOUS_ERROR_TAG = "previous_error"  # why its last attempt failed, on a trial that runs again
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
-PACKAGES = ("hilbert", "torch", "ray", "mlflow", "optuna")
 
-# MLflow's limits (mlflow.utils.validation): keys up to 250 characters, 100 params and 1000
-# metrics per log_batch call.
-_MAX_KEY = 250
+# MLflow's limits (mlflow.utils.validation): 100 params and 1000 metrics per log_batch call.
 _PARAMS_PER_BATCH = 100
 _METRICS_PER_BATCH = 1000
-# The portable subset of what MLflow accepts in a key (it also allows ':' except on Windows).
-_BAD_KEY_CHARACTERS = re.compile(r"[^\w.\- /]")
-
-
-# ---------------------------------------------------------------------------------------------
-# Where runs are stored
-
-
-def resolve_tracking_uri(explicit: str | None, workdir: str | Path) -> str:
-    """The tracking URI to use: ``explicit``, else ``$MLFLOW_TRACKING_URI``, else a sqlite file
-    ``<workdir>/mlruns.db`` (absolute, so it does not depend on the current directory)."""
-    if explicit:
-        return explicit
-    if os.environ.get(ENV_TRACKING_URI):
-        return os.environ[ENV_TRACKING_URI]
-    return f"sqlite:///{Path(workdir).resolve() / 'mlruns.db'}"
-
-
-def artifact_location_for(uri: str) -> str | None:
-    """Where a new experiment keeps its artifacts: ``mlartifacts/`` beside a sqlite database file.
-
-    A sqlite store has no artifact root of its own; MLflow would use ``./mlruns`` of whatever
-    directory the process happens to run in. A server (``http://``) decides for itself: None.
-    """
-    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
-        return None
-    database = Path(uri[len("sqlite:///"):]).resolve()
-    return (database.parent / "mlartifacts").as_uri()
-
-
-def ui_command(uri: str, port: int = 5000) -> str:
-    """How to open the MLflow UI on this store: the command line that serves it from this machine
-    only (then http://127.0.0.1:PORT), or, for a tracking server, its address (it serves the UI)."""
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}  (the tracking server serves it; on a cluster, port-forward it first)"
-    parts = ["mlflow", "ui", "--backend-store-uri", uri]
-    artifacts = artifact_location_for(uri)
-    if artifacts:
-        parts += ["--default-artifact-root", artifacts]  # for experiments created from the UI
-    parts += ["--host", "127.0.0.1", "--port", str(port)]
-    return f"{shlex.join(parts)}  (then http://127.0.0.1:{port})"
-
-
-@functools.lru_cache(maxsize=None)
-def mlflow_client(uri: str) -> MlflowClient:
-    """One client per URI and process; the registry lives in the same store as the runs."""
-    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
-        Path(uri[len("sqlite:///"):]).resolve().parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-    """An MLflow experiment in one store: plain strings, so it pickles into Ray trials (with the
-    handle of a relay when trials reach the store through the driver's node: see relay.py)."""
-
-    uri: str
-    experiment_id: str
-    name: str
-    relay: Any = dataclasses.field(default=None, compare=False, repr=False)
-
-    @classmethod
-    def open(cls, uri: str, name: str = "hilbert") -> "Experiment":
-        """Get experiment ``name``, creating it (artifacts beside a sqlite store) if missing."""
-        client = mlflow_client(uri)
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            try:
-                client.create_experiment(name, artifact_location=artifact_location_for(uri))
-            except MlflowException as error:  # another process created it first
-                if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            found = client.get_experiment_by_name(name)
-        assert found is not None
-        if found.lifecycle_stage == "deleted":
-            raise ValueError(f"MLflow experiment {name!r} in {uri} is deleted: restore it "
-                             f"(mlflow experiments restore --experiment-id {found.experiment_id}) or use another name")
-        return cls(uri, found.experiment_id, name)
-
-    @property
-    def client(self) -> MlflowClient:
-        if self.relay is not None:
-            from hilbert.sweep.relay import RelayedClient
-
-            return RelayedClient(self.relay)  # type: ignore[return-value]: the same methods
-        return mlflow_client(self.uri)
-
-
-# ---------------------------------------------------------------------------------------------
-# Names and values MLflow accepts
-
-
-def metric_key(name: str) -> str:
-    """``name`` as an MLflow metric/param key: ``@`` reads ``_at_``, other refused characters
-    become ``_``, and path tricks (``//``, ``..``, a leading ``/``) are removed."""
-    name = _BAD_KEY_CHARACTERS.sub("_", str(name).replace("@", "_at_"))
-    parts = [part for part in name.split("/") if part not in ("", ".", "..")]
-    return "/".join(parts)[:_MAX_KEY] or "_"
-
-
-def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The real-valued, finite entries of ``metrics`` under sanitised keys (bools, strings, NaN
-    and infinities are dropped)."""
-    kept = {}
-    for name, value in metrics.items():
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-            continue
-        if math.isfinite(float(value)):
-            kept[metric_key(name)] = float(value)
-    return kept
-
-
-def to_json(value: Any, **dumps) -> str:
-    """JSON for configs that may hold dataclasses, paths, tuples or numpy scalars."""
-    return json.dumps(value, default=_json_default, **dumps)
-
-
-def _json_default(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
-
-
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested mappings become dotted keys; lists and other values become compact JSON strings."""
-    flat: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_params(value, f"{name}."))
-        elif isinstance(value, str):
-            flat[metric_key(name)] = value
-        else:
-            flat[metric_key(name)] = to_json(value, separators=(",", ":"))
-    return flat
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,63 +90,6 @@ def sigterm_raises_terminated() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-# ---------------------------------------------------------------------------------------------
-# Provenance of a sweep
-
-
-def git_commit(folder: str | Path) -> tuple[str, bool] | None:
-    """(commit, has uncommitted changes) of the git checkout holding ``folder``; None outside one."""
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if not commit:
-        return None
-    return commit, bool(git("status", "--porcelain", "--untracked-files=no"))
-
-
-def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def source_tags() -> dict[str, str]:
-    """Who ran it and from which code: MLflow's own tags, which its UI shows (user, source, commit)."""
-    import getpass
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (some containers)
-        user = "unknown"
-    tags = {"mlflow.user": user, "mlflow.source.name": "hilbert sweep", "mlflow.source.type": "LOCAL"}
-    commit = git_commit(Path(__file__).resolve().parent)
-    if commit:
-        sha, dirty = commit
-        tags["mlflow.source.git.commit"] = sha
-        tags["git_dirty"] = str(dirty).lower()
-    return tags
-
-
-def provenance_tags(manifest_fingerprint: str | None, encoders: Mapping[str, Any] | None) -> dict[str, str]:
-    """Tags that say which code, libraries, corpus and cached features a sweep used."""
-    tags = {f"version/{name}": version for name, version in package_versions().items()}
-    tags.update(source_tags())
-    if manifest_fingerprint:
-        tags["manifest_fingerprint"] = manifest_fingerprint
-    for modality, key in (encoders or {}).items():
-        tags[f"encoder/{metric_key(modality)}"] = key if isinstance(key, str) else to_json(key, sort_keys=True)[:5000]
-    return tags
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,14 +309,6 @@ def log_step(experiment: Experiment, run_id: str, metrics: Mapping[str, Any], st
         experiment.client.log_batch(run_id, metrics=entries[start:start + _METRICS_PER_BATCH])
 
 
-def status_counts(rows: list[Mapping[str, Any]]) -> dict[str, int]:
-    """How many runs of a leaderboard ended in each status."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    return counts
-
-
 def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
     entries = [Param(key, value) for key, value in params.items()]
     for start in range(0, len(entries), _PARAMS_PER_BATCH):
@@ -547,7 +316,7 @@ def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Queries over a sweep's runs
+# Finding a sweep's runs again, and ending what a dead process left RUNNING
 
 
 def child_runs(experiment: Experiment, parent_run_id: str, extra_filter: str = "") -> list:
@@ -598,48 +367,3 @@ def end_trial(experiment: Experiment, parent_run_id: str, trial_id: str, status:
         experiment.client.set_tag(run.info.run_id, "stopped_by", stopped_by)
     experiment.client.set_terminated(run.info.run_id, status)
     return True
-
-
-_NOT_KEY_METRICS = ("train/", "time/")
-
-
-def leaderboard(experiment: Experiment, parent_run_id: str, objective: str = "objective", mode: str = "max"
-                ) -> list[dict[str, Any]]:
-    """The sweep's trials, best ``objective`` first (trials without one last), each with its run
-    id, status, params and key metrics (the last value of every metric but training losses and
-    timings)."""
-    assert mode in ("max", "min"), mode
-    rows = []
-    for run in child_runs(experiment, parent_run_id):
-        metrics = run.data.metrics
-        value = metrics.get(objective, math.nan)
-        rows.append({
-            "trial_id": run.data.tags.get(TRIAL_ID_TAG), "run_id": run.info.run_id, "name": run.info.run_name,
-            "status": run.info.status, "objective": value, "stopped_by": run.data.tags.get("stopped_by"),
-            "params": dict(run.data.params),
-            "metrics": {k: v for k, v in sorted(metrics.items()) if not k.startswith(_NOT_KEY_METRICS)},
-        })
-    sign = -1.0 if mode == "max" else 1.0
-    return sorted(rows, key=lambda row: (not math.isfinite(row["objective"]),
-                                         sign * row["objective"] if math.isfinite(row["objective"]) else 0.0))
-
-
-def find_sweep(uri: str, name: str | None = None, experiment: str | None = None) -> tuple[Experiment, Any]:
-    """The parent run of sweep ``name`` (the latest sweep when None) in ``experiment`` (or any
-    experiment of the store); LookupError names what exists when nothing matches."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        raise LookupError(f"no MLflow store at {uri} (pass --tracking-uri, e.g. sqlite:///hilbert-demo/runs/mlruns.db)")
-    client = mlflow_client(uri)
-    experiments = ([Experiment.open(uri, experiment)] if experiment else
-                   [Experiment(uri, e.experiment_id, e.name) for e in client.search_experiments()])
-    query = f"tags.`{ROLE_TAG}` = 'sweep'" + (f" and attributes.run_name = '{name}'" if name else "")
-    found = []
-    for candidate in experiments:
-        found += [(candidate, run) for run in client.search_runs([candidate.experiment_id], query,
-                                                                  order_by=["attributes.start_time DESC"])]
-    if not found:
-        every = [run.info.run_name for e in experiments
-                 for run in client.search_runs([e.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'")]
-        raise LookupError(f"no sweep {name + ' ' if name else ''}in {uri}"
-                          + (f" (sweeps: {', '.join(sorted(set(every)))})" if every else " (no sweeps at all)"))
-    return max(found, key=lambda pair: pair[1].info.start_time)
