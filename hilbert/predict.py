@@ -27,6 +27,7 @@ from hilbert.features.extract import extract_features
 from hilbert.evaluation.predictions import embedding_diagnostics, predict_documents
 from hilbert.metrics import classification_metrics
 from hilbert.model.hilbert import HilbertModel
+from hilbert.storage import write_parquet
 from hilbert.train.checkpoint import CheckpointInfo, load_model
 
 
@@ -153,6 +154,14 @@ def predictions_table(manifest: Manifest, label_maps: LabelMaps, probabilities: 
         for index, name in enumerate(classes):
             columns[f"{task}/p/{name}"] = probabilities[task][:, index].astype(np.float32)
     return pa.table(columns)
+
+
+def write_predictions(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, path: str | Path, *,
+                      address: str | None = None) -> Path:
+    """Predict every task for the documents of ``manifest`` and write :func:`predictions_table`
+    to the Parquet file ``path`` (whole or not at all)."""
+    _, probabilities = predict_probabilities(predictor, manifest, cache_dir, address=address)
+    return write_parquet(predictions_table(manifest, predictor.label_maps, probabilities), path)
 
 
 def embeddings_table(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, *,

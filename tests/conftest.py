@@ -57,6 +57,39 @@ def write_manifest(folder: Path, records: Iterable[dict[str, Any] | str | bytes]
     return path
 
 
+def extract_in_process(manifest, audio: str, text: str, cache_dir: str | Path):
+    """The feature set of ``manifest`` in ``cache_dir``, encoded in this process: what extraction's
+    Ray actors do, in a plain loop (as benchmarks/extract.py does); then `extract_features` finds
+    every entry cached and writes the feature set without starting Ray. One intra-op thread, as
+    each extraction actor has by default: on a busy 2-core machine, five times faster than more."""
+    import torch
+
+    from hilbert.features.cache import FeatureCache
+    from hilbert.features.encoders import build_audio_encoder, build_text_encoder, encoder_fingerprint
+    from hilbert.features.extract import encode_document_audio, encode_document_text, entry_keys, extract_features
+
+    cache = FeatureCache(cache_dir)
+    keys = entry_keys(manifest, cache, {"audio": encoder_fingerprint("audio", audio),
+                                        "text": encoder_fingerprint("text", text)})
+    audio_encoder, text_encoder = build_audio_encoder(audio, device="cpu"), build_text_encoder(text, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for doc in manifest:
+            if not cache.has("audio", keys["audio"][doc.doc_id]):
+                features = encode_document_audio(audio_encoder, doc.audio_path,
+                                                 [(s.start, s.end) for s in doc.segments], doc.doc_id)
+                cache.put("audio", keys["audio"][doc.doc_id], features, doc_id=doc.doc_id, encoder=audio_encoder.spec)
+            if not cache.has("text", keys["text"][doc.doc_id]):
+                features = encode_document_text(text_encoder, [s.text for s in doc.segments], doc.doc_id)
+                cache.put("text", keys["text"][doc.doc_id], features, doc_id=doc.doc_id, encoder=text_encoder.spec)
+    finally:
+        torch.set_num_threads(threads)
+    report = extract_features(manifest, audio, text, cache_dir, progress=False)
+    assert report.cache_hit, "the loop above must write exactly the entries extraction plans"
+    return report.feature_set
+
+
 @pytest.fixture
 def tiny_corpus(tmp_path: Path) -> Path:
     """Four valid documents with two tasks, one label null."""
