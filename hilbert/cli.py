@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -13,8 +14,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hilbert.config import ConfigError
 from hilbert.data.manifest import Manifest, ManifestError, ValidationReport, load_manifest, validate_manifest
 from hilbert.ray_runtime import VersionMismatch
+
+# The commands import the rest of the library (torch, Ray, MLflow, scikit-learn behind it) inside
+# their bodies, so that `hilbert --help` or `hilbert validate` does not wait seconds for them.
 
 # A hilbert model is a few files of megabytes: MLflow's per-download progress bars only break up
 # the command's tables (set the variable to "true" to have them back).
@@ -186,130 +191,50 @@ def demo(
     A second run reuses the corpus and the feature cache, runs a new sweep and promotes its best
     model only if it beats the champion on the held-out documents.
     """
-    import math
-
-    from hilbert.config import ConfigError
-    from hilbert.configs import DEMO_SWEEP, packaged
-    from hilbert.data.demo import split_held_out, write_demo_corpus
-    from hilbert.features.extract import extract_features
-    from hilbert.sweep.config import load_sweep
-    from hilbert.tracking.registry import CHAMPION, RegistryError, promote as promote_model
-    from hilbert.sweep.runner import run_sweep
+    from hilbert.demo_job import NoTrialFinished, run_demo
+    from hilbert.predict import ModelLocationError
+    from hilbert.tracking.registry import RegistryError
     from hilbert.sweep.state import SweepError, SweepInterrupted
-    from hilbert.sweep.trial import pair_key
-    from hilbert.tracking.store import ui_command
     from hilbert.train.run import TrainingError
 
-    sweep_file = sweep_file or packaged(DEMO_SWEEP)
-    corpus_dir = workdir / "corpus"
-    overrides: dict = {"data": {"manifest": str(corpus_dir / "development.jsonl"), "cache_dir": str(workdir / "cache")},
-                       "output_dir": str(workdir / "runs")}
-    if epochs is not None:
-        overrides["optimization"] = {"epochs": epochs}
-    try:
-        sweep_config = load_sweep(sweep_file, overrides)
-    except (ConfigError, FileNotFoundError) as error:
-        errors.print(f"[red]{error}[/red]", highlight=False)
-        raise typer.Exit(2) from None
-    assert sweep_config.base_config is not None
-    data = sweep_config.base_config.data
-    manifest_path = corpus_dir / "manifest.jsonl"
+    with _refusing(ConfigError, SweepError, TrainingError, RegistryError, ModelLocationError, VersionMismatch), \
+            _refusing(NoTrialFinished, code=1), _refusing(SweepInterrupted, code=130):
+        try:
+            result = run_demo(workdir, sweep_file=sweep_file, documents=documents, seed=seed, trials=trials,
+                              epochs=epochs, address=address, log=console.print, section=console.rule,
+                              on_validated=_print_validation, on_sweep=print_sweep_result,
+                              on_promotion=print_promotion)
+        except ManifestError as error:
+            _print_problems(error.report)
+            raise typer.Exit(2) from None
+    print_held_out_comparison(result)
 
-    console.rule("1. demo corpus")
-    if manifest_path.exists():
-        console.print(f"reusing {manifest_path}")
-    else:
-        write_demo_corpus(corpus_dir, n_documents=documents, seed=seed)
-        console.print(f"wrote {manifest_path}")
-    development_path, held_out_path = split_held_out(manifest_path, seed=seed)
 
-    console.rule("2. validate")
-    report = validate_manifest(manifest_path)
-    _print_problems(report)
-    if not report.ok:
-        raise typer.Exit(2)
+def _print_validation(report: ValidationReport) -> None:
+    _print_problems(report)  # warnings only: a report with errors is refused
     _print_summary(report)
-    development, held_out = load_manifest(development_path), load_manifest(held_out_path)
-    console.print(f"development: {len(development)} documents (sweep, k-fold CV); held out: {len(held_out)} "
-                  f"documents of other speakers (promotion, final table)")
 
-    console.rule("3. extract features")
-    with _refusing(VersionMismatch):
-        extraction = extract_features(Manifest(report.manifest_path, report.documents), data.audio_encoder,
-                                      data.text_encoder, data.cache_dir, address=address)
-    console.print(extraction.throughput_line())
-    development_features = extract_features(development, data.audio_encoder, data.text_encoder, data.cache_dir,
-                                            address=address, progress=False).feature_set
 
-    console.rule(f"4. sweep: {trials or sweep_config.trials} trials, Ray Tune + Optuna, k-fold Ray Train DDP, MLflow")
-    with _refusing(ConfigError, SweepError, TrainingError, RegistryError, VersionMismatch), \
-            _refusing(SweepInterrupted, code=130):
-        result = run_sweep(sweep_file, overrides=overrides, trials=trials, address=address, manifest=development,
-                           feature_sets={pair_key(data.audio_encoder, data.text_encoder): development_features},
-                           log=console.print)
-    print_sweep_result(result)
-    if not result.model_version:
-        errors.print("[red]no trial finished, so there is no model to promote; see the errors above[/red]")
-        raise typer.Exit(1)
+def print_held_out_comparison(result) -> None:
+    """The demo's final table (champion and baseline on the held-out documents) and what to run next."""
+    from hilbert.held_out import mean_auc
+    from hilbert.tracking.store import ui_command
 
-    console.rule("5. promote: challenger vs champion on the held-out documents")
-    with _refusing(RegistryError):
-        decision = promote_model(result.model_name, held_out_scorer(held_out, data.cache_dir, address),
-                                 tracking_uri=result.tracking_uri, metric=held_out_metric(held_out_path))
-    print_promotion(decision)
-
-    console.rule(f"6. predict the held-out documents with models:/{result.model_name}@{CHAMPION}")
-    champion = f"models:/{result.model_name}@{CHAMPION}"
-    predictions_path = workdir / "predictions" / "held_out.parquet"
-    from hilbert.predict import evaluate_corpus, predict_probabilities, predictions_table
-    from hilbert.storage import write_parquet
-
-    with _model(champion, result.tracking_uri) as predictor:
-        _, probabilities = predict_probabilities(predictor, held_out, data.cache_dir, address=address)
-        write_parquet(predictions_table(held_out, predictor.label_maps, probabilities), predictions_path)
-        champion_metrics = evaluate_corpus(predictor, held_out, data.cache_dir, address=address)
-    console.print(f"class probabilities per task for {len(held_out)} documents: {predictions_path}")
-
-    baseline_metrics = held_out_baseline(predictor.label_maps, development, held_out, data.cache_dir,
-                                         extraction.feature_set)
-    tasks = predictor.label_maps.tasks
-    version = decision.challenger_version if decision.promoted else decision.champion_version
-    table = Table(title=f"held-out documents ({len(held_out)}, speakers no trial saw): macro one-vs-rest ROC AUC",
-                  title_justify="left")
+    table = Table(title=f"held-out documents ({len(result.held_out)}, speakers no trial saw): macro one-vs-rest "
+                        "ROC AUC", title_justify="left")
     table.add_column("method")
-    for task in tasks:
+    for task in result.tasks:
         table.add_column(task, justify="right")
     table.add_column("mean", justify="right")
-    for label, metrics in ((f"HILBERT champion (version {version})", champion_metrics),
-                           ("baseline: logreg on mean-pooled features", baseline_metrics)):
-        values = [metrics.get(f"{task}/auc", math.nan) for task in tasks]
-        finite = [v for v in values if not math.isnan(v)]
-        table.add_row(label, *(_number(v) for v in values), _number(sum(finite) / len(finite) if finite else math.nan))
+    for label, metrics in ((f"HILBERT champion (version {result.champion_version})", result.champion_metrics),
+                           ("baseline: logreg on mean-pooled features", result.baseline_metrics)):
+        table.add_row(label, *(_number(metrics.get(f"{task}/auc", float("nan"))) for task in result.tasks),
+                      _number(mean_auc(metrics, result.tasks)))
     console.print(table)
     console.print(f"\nleaderboard again:  hilbert runs --tracking-uri {result.tracking_uri}")
-    console.print(f"predict with it:    hilbert predict {champion} MANIFEST OUT.parquet --cache {data.cache_dir} "
-                  f"--tracking-uri {result.tracking_uri}")
+    console.print(f"predict with it:    hilbert predict {result.champion} MANIFEST OUT.parquet --cache "
+                  f"{result.cache_dir} --tracking-uri {result.tracking_uri}")
     console.print(f"open the MLflow UI: {ui_command(result.tracking_uri)}")
-
-
-def held_out_baseline(label_maps, development: Manifest, held_out: Manifest, cache: str | Path, feature_set) -> dict:
-    """Logistic regression on mean-pooled features, fit on the development documents, scored on
-    the held-out ones: what the champion has to beat."""
-    import numpy as np
-
-    from hilbert.features.cache import FeatureCache
-    from hilbert.train.baseline import logistic_regression_held_out, mean_pooled_features
-    from hilbert.train.folds import group_of
-
-    store = FeatureCache(cache)
-
-    def side(corpus: Manifest):
-        features = mean_pooled_features(store, feature_set, [doc.doc_id for doc in corpus])
-        encoded = [label_maps.encode(doc) for doc in corpus]
-        return features, {task: np.array([labels[task] for labels in encoded]) for task in label_maps.tasks}
-
-    groups = [group_of(doc) for doc in development]
-    return logistic_regression_held_out(*side(development), *side(held_out), label_maps, train_groups=groups)
 
 
 METHOD_NAMES = {"hilbert": "HILBERT", "pairwise": "pairwise a<->t (CLAP-style)", "no_cka": "HILBERT - CKA",
@@ -403,7 +328,6 @@ def train(
     results.json, every method's test predictions (test_predictions/*.parquet) and each variant's
     fold models (safetensors + JSON) to the run folder.
     """
-    from hilbert.config import ConfigError
     from hilbert.train.config import VARIANTS, load_train_config
     from hilbert.train.run import TrainingError, run_cross_validation
 
@@ -433,8 +357,6 @@ TRACKING_HELP = ("MLflow tracking store (default: $MLFLOW_TRACKING_URI, else run
 @contextmanager
 def _model(location: str, tracking_uri: Optional[str]) -> Iterator:
     """Load a model from the registry, a run or a folder (downloads go to a temporary folder)."""
-    import tempfile
-
     from hilbert.predict import ModelLocationError, load_predictor
     from hilbert.tracking.registry import RegistryError, resolve_model
 
@@ -489,13 +411,11 @@ def predict(
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
 ) -> None:
     """Predict every task for new documents (fold models are averaged)."""
-    from hilbert.predict import predict_probabilities, predictions_table
-    from hilbert.storage import write_parquet
+    from hilbert.predict import write_predictions
 
     corpus = _exit_on_bad_manifest(manifest)
     with _model(model, tracking_uri) as predictor, _refusing(FileNotFoundError):
-        _, probabilities = predict_probabilities(predictor, corpus, cache, address=address)
-    write_parquet(predictions_table(corpus, predictor.label_maps, probabilities), out)
+        write_predictions(predictor, corpus, cache, out, address=address)
     console.print(f"predictions for {len(corpus)} documents written to {out}")
 
 
@@ -547,7 +467,6 @@ def sweep(
     Every trial is an MLflow run nested under the sweep's run; the best model is registered as
     the `challenger` (promote it with `hilbert promote`).
     """
-    from hilbert.config import ConfigError
     from hilbert.tracking.registry import RegistryError
     from hilbert.sweep.runner import run_sweep
     from hilbert.sweep.state import SweepError, SweepInterrupted
@@ -644,6 +563,7 @@ def promote(
 ) -> None:
     """Compare the `challenger` with the `champion` on held-out documents; move `champion` when
     the challenger is better (or with --force). The decision goes into the version's tags."""
+    from hilbert.held_out import held_out_metric, held_out_scorer
     from hilbert.tracking.registry import RegistryError, promote as promote_model
 
     corpus = _exit_on_bad_manifest(manifest)
@@ -651,26 +571,6 @@ def promote(
         decision = promote_model(model_name, held_out_scorer(corpus, cache, address), force,
                                  tracking_uri=_tracking_uri(tracking_uri), metric=held_out_metric(manifest))
     print_promotion(decision)
-
-
-def held_out_scorer(corpus: Manifest, cache: str | Path, address: Optional[str] = None):
-    """Model folder -> mean macro AUC over its tasks on ``corpus`` (what promotion compares)."""
-    import math
-
-    from hilbert.predict import evaluate_corpus, load_predictor
-
-    def score(folder: Path) -> float:
-        predictor = load_predictor(folder)
-        metrics = evaluate_corpus(predictor, corpus, cache, address=address)
-        values = [metrics[f"{task}/auc"] for task in predictor.label_maps.tasks
-                  if not math.isnan(metrics.get(f"{task}/auc", math.nan))]
-        return sum(values) / len(values) if values else math.nan
-
-    return score
-
-
-def held_out_metric(manifest: Path) -> str:
-    return f"mean over tasks of macro one-vs-rest ROC AUC on {manifest} (fold models averaged)"
 
 
 def print_promotion(decision) -> None:
