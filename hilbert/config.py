@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -91,6 +92,18 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
 
 def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def dotted_keys(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted paths: ``{"loss": {"tau": 0.1}}`` -> ``{"loss.tau": 0.1}`` (the
+    way sweeps name config fields); an empty mapping stays a value."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _join(where: str, name: Any) -> str:

@@ -36,6 +36,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     local = address in (None, "", "local")
     if local:
         _bind_to_loopback()
+    # Ray is imported by the functions that use it: the CLI imports this module at start-up
+    # (for VersionMismatch), and importing Ray takes seconds.
     import ray
 
     if not ray.is_initialized():

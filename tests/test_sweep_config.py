@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from hilbert.config import ConfigError
+from hilbert.config import dotted_keys
 from hilbert.sweep.config import load_sweep
 
 TUNE = Path(__file__).parents[1] / "tune"
@@ -72,3 +73,12 @@ def test_unknown_top_level_field_suggests_the_right_one(tmp_path: Path):
 def test_missing_base_config_is_named(tmp_path: Path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_sweep(write_sweep(tmp_path, base="nowhere.yaml"))
+
+
+def test_sampled_values_nested_or_dotted_name_the_same_config_fields():
+    """Tune hands back the sampled values with dotted keys, or nested should it split them: both
+    name the same fields, and a sweep's trial config is the same either way."""
+    nested = {"loss": {"lambda_cka": 0.3, "temperature": {"init": 0.07}}, "optimization": {"learning_rate": 1e-3}}
+    dotted = {"loss.lambda_cka": 0.3, "loss.temperature.init": 0.07, "optimization.learning_rate": 1e-3}
+    assert dotted_keys(nested) == dotted and dotted_keys(dotted) == dotted
+    assert dotted_keys({"model": {}, "variants": ["hilbert"]}) == {"model": {}, "variants": ["hilbert"]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from math import gcd
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,6 @@ def load_mono(path: str | Path) -> tuple[np.ndarray, int]:
 @lru_cache(maxsize=32)
 def _resampler_kernel_key(orig: int, new: int) -> tuple[int, int]:
     # Reduce the ratio once; torchaudio works with the gcd-reduced rates internally too.
-    from math import gcd
-
     divisor = gcd(orig, new)
     return orig // divisor, new // divisor
 
@@ -78,6 +77,8 @@ def resample(waveform: np.ndarray, orig_sample_rate: int, new_sample_rate: int) 
     """Band-limited resampling of a 1-D float32 waveform (identity when the rates agree)."""
     if orig_sample_rate == new_sample_rate:
         return waveform
+    # torch only where a file needs resampling: validating a manifest (every CLI command's
+    # first step) reads audio headers only, and importing torch takes seconds.
     import torch
     import torchaudio.functional as AF
 

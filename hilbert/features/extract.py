@@ -43,6 +43,7 @@ from hilbert.features.encoders import (
     build_text_encoder,
     encoder_fingerprint,
 )
+from hilbert.ray_runtime import connect
 
 
 class ExtractionError(RuntimeError):
@@ -298,9 +299,7 @@ class EncodeAndStore:
 def _run_on_ray(jobs: list[_Job], specs: dict[str, str], cache: FeatureCache, *, address: str | None,
                 num_actors: int | None, cpus_per_actor: float, use_gpu: bool | None,
                 documents_per_batch: int, progress: bool, keep_alive: Callable[[], None] = lambda: None) -> None:
-    import ray.data
-
-    from hilbert.ray_runtime import connect
+    import ray.data  # only when something is left to encode: a full cache hit never starts Ray
 
     resources = connect(address)
     gpus = resources.get("GPU", 0.0)

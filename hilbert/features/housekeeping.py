@@ -95,6 +95,7 @@ from hilbert.features.cache import (
     is_temporary,
     parse_entry_name,
 )
+from hilbert.ray_runtime import connect
 from hilbert.storage import StoredFile
 
 DEFAULT_GRACE_SECONDS = 3600.0
@@ -579,10 +580,8 @@ def prune_mirrors_on_cluster(location: str, *, address: str | None, older_than: 
     node, pinned to it and taking no CPU, so it runs beside whatever the node is busy with. Each
     node's mirror folder is its own (its ``$HILBERT_CACHE_MIRROR``). A node that fails or does not
     answer within ``timeout_seconds`` gets a report with its error."""
-    import ray
+    import ray  # only with --address: `hilbert cache` on one machine starts without Ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from hilbert.ray_runtime import connect
 
     if not storage.is_uri(location):
         raise HousekeepingError(f"{location} is a local folder: only a URI root has node mirrors to prune")

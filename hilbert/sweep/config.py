@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import optuna
+
 from hilbert.config import ConfigError, from_dict, load_yaml, to_dict
 from hilbert.train.config import TrainConfig, load_train_config, merge_nested
 
@@ -60,9 +62,7 @@ class Parameter:
             return [int(self.low), int(self.high)]  # type: ignore[arg-type]
         return [float(self.low), float(self.high)]  # type: ignore[arg-type]
 
-    def optuna_distribution(self):
-        import optuna
-
+    def optuna_distribution(self) -> optuna.distributions.BaseDistribution:
         if self.type == "choice":
             # Optuna's categoricals hold scalars; lists (encoder pairs) are stored as their index.
             return optuna.distributions.CategoricalDistribution(list(range(len(self.values or []))))

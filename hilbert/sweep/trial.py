@@ -27,7 +27,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from hilbert import storage
-from hilbert.config import to_dict
+from hilbert.config import dotted_keys, to_dict
 from hilbert.ray_runtime import require_versions
 from hilbert.sweep.config import SweepConfig
 from hilbert.sweep.diagnostics import trial_figures
@@ -76,7 +76,8 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
     require_versions(setup.versions, f"the node of trial {trial_id} ({_node_tags()['ray.node_ip']})")
     if _report_if_already_finished(setup, trial_id):
         return
-    values = setup.sweep.trial_values(_dotted_keys(sampled))
+    # Tune hands the sampled values back as given (dotted keys), or nested should it split them.
+    values = setup.sweep.trial_values(dotted_keys(sampled))
     config = setup.sweep.trial_config(values)
     trained = to_dict(config.variant("hilbert"))
     plan = {**setup.plans[pair_key(config.data.audio_encoder, config.data.text_encoder)], "config": trained}
@@ -206,15 +207,3 @@ def _report_if_already_finished(setup: TrialSetup, trial_id: str) -> bool:
         return False
     tune.report({**epoch_metrics(run.data.metrics), RESTORED: True})
     return True
-
-
-def _dotted_keys(sampled: dict[str, Any]) -> dict[str, Any]:
-    """Tune hands the sampled values back as given (dotted keys); a nested dict (should Tune
-    nest ``a/b`` keys) is flattened back to dotted keys."""
-    flat: dict[str, Any] = {}
-    for key, value in sampled.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{inner}": v for inner, v in _dotted_keys(value).items()})
-        else:
-            flat[key] = value
-    return flat

@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from hilbert.config import dotted_keys
+
 # MLflow's limit (mlflow.utils.validation): keys up to 250 characters.
 _MAX_KEY = 250
 # The portable subset of what MLflow accepts in a key (it also allows ':' except on Windows).
@@ -59,15 +61,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
     """Nested mappings become dotted keys; lists and other values become compact JSON strings."""
-    flat: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_params(value, f"{name}."))
-        elif isinstance(value, str):
-            flat[metric_key(name)] = value
-        else:
-            flat[metric_key(name)] = to_json(value, separators=(",", ":"))
-    return flat
+    return {metric_key(name): value if isinstance(value, str) else to_json(value, separators=(",", ":"))
+            for name, value in dotted_keys(params).items()}

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from hilbert.tracking.store import mlflow_client
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -57,9 +60,6 @@ class MlflowRelay:
 
 def start_relay(tracking_uri: str):
     """Start the relay on this (the driver's) node; returns its actor handle (kill it after)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     here = ray.get_runtime_context().get_node_id()
     actor = ray.remote(MlflowRelay).options(
         num_cpus=0, max_concurrency=8,  # trials log at once; the client is thread-safe HTTP/SQL
@@ -81,8 +81,6 @@ class RelayedClient:
             raise AttributeError(method)
 
         def relayed(*args, **kwargs):
-            import ray
-
             return ray.get(self._relay.call.remote(method, args, kwargs))
 
         return relayed
@@ -104,6 +102,4 @@ class RelayedClient:
         self._send(run_id, {name: buffer.getvalue()}, folder or None)
 
     def _send(self, run_id: str, files: dict[str, bytes], artifact_path: str | None) -> None:
-        import ray
-
         ray.get(self._relay.log_files.remote(run_id, files, artifact_path))

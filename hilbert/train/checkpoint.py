@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from hilbert import __version__
 from hilbert.config import from_dict, to_dict
 from hilbert.features.batches import LabelMaps
 from hilbert.model.hilbert import OLDER_CONFIG_VALUES, HilbertModel, HilbertModelConfig
@@ -48,8 +49,6 @@ class CheckpointInfo:
     metrics: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        from hilbert import __version__
-
         return {"format": FORMAT, "hilbert_version": __version__, "model": to_dict(self.model),
                 "label_maps": self.label_maps.to_json(), "features": self.features,
                 "training": self.training, "epoch": self.epoch, "metrics": self.metrics}

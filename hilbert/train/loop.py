@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -68,6 +69,8 @@ class WorkerContext:
 
     @classmethod
     def from_ray(cls) -> "WorkerContext":
+        # Imported here: the loop also runs without Ray (one process, tests), and ray.train
+        # takes seconds to import.
         import ray.train
         import ray.train.torch
 
@@ -399,8 +402,6 @@ def _loss_state(loss: HilbertLoss) -> dict[str, list[float]]:
 def _resume(runs: list[FoldRun], folder: Path) -> tuple[int, dict[str, Any] | None]:
     """Restore every fold from a checkpoint written by :func:`_write_checkpoint`; returns the next
     epoch and the checkpointed epoch's report (None from checkpoints that predate it)."""
-    from safetensors.torch import load_file
-
     state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
     saved = {entry["fold"]: entry for entry in state["folds"]}
     for run in runs:

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from hilbert import storage
 from hilbert.config import to_dict
@@ -30,10 +32,11 @@ from hilbert.evaluation.summary import FoldTable, OutOfFoldPredictions, compare_
 from hilbert.features.batches import LabelMaps
 from hilbert.features.cache import FeatureCache, FeatureSet, atomic_write_json
 from hilbert.features.extract import extract_features
+from hilbert.ray_runtime import connect
 from hilbert.train.baseline import logistic_regression_folds, mean_pooled_features
 from hilbert.train.config import TrainConfig
 from hilbert.train.folds import Split, group_of, load_or_make_split
-from hilbert.train.loop import STATE_FILE
+from hilbert.train.loop import STATE_FILE, ray_train_entry
 from hilbert.train.out_of_fold import out_of_fold_outputs, predictions_table
 from hilbert.train.plan import Plan
 
@@ -166,11 +169,6 @@ def build_trainer(plan: dict[str, Any], config: TrainConfig, run_name: str, stor
     A run of the same ``run_name`` under ``storage_path`` that has checkpoints is resumed from
     the latest (Ray Train V2 restores its state from storage).
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from hilbert.train.loop import ray_train_entry
-
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -182,24 +180,16 @@ def build_trainer(plan: dict[str, Any], config: TrainConfig, run_name: str, stor
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=_storage(storage_path), callbacks=callbacks,
+            name=run_name, storage_path=storage.absolute(storage_path), callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
-
-
-def _storage(path: Path | str) -> str:
-    """Ray's storage_path: a URI (s3://, gs://, ...) as it is, a local path made absolute."""
-    text = str(path)
-    return text if "://" in text else str(Path(text).resolve())
 
 
 def run_cross_validation(config: TrainConfig, *, manifest: Manifest | None = None,
                          feature_set: FeatureSet | None = None, address: str | None = None,
                          run_dir: Path | None = None, log: Callable[[str], None] = print) -> CrossValidationResult:
     """Train every variant of ``config`` under k-fold CV on Ray Train, plus the baseline."""
-    from hilbert.ray_runtime import connect
-
     data = prepare_data(config, manifest=manifest, feature_set=feature_set, address=address, log=log)
     run_dir = Path(run_dir or Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ def open_checkpoint(spec: EncoderSpec, accepted: Mapping[str, Option],
 
 
 def huggingface_audio_fingerprint(spec: EncoderSpec) -> dict:
+    # transformers is imported by the hf: encoders only (here and in hf_*.py): it takes seconds,
+    # and logmel / hashngram never need it.
     from transformers import AutoFeatureExtractor
 
     options, checkpoint, config = open_checkpoint(spec, SPEECH_OPTIONS, "audio")
