@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -301,7 +302,7 @@ def print_cross_validation(result) -> None:
             continue
         fold_table = result.fold_table(method)
         cells = [fold_table.mean.get(f"test/{name}", float("nan")) for name in DIAGNOSTICS]
-        table.add_row(METHOD_NAMES.get(method, method), *("-" if c != c else f"{c:.3f}" for c in cells))
+        table.add_row(METHOD_NAMES.get(method, method), *("-" if math.isnan(c) else f"{c:.3f}" for c in cells))
     console.print(table)
 
 
@@ -520,7 +521,7 @@ def print_leaderboard(rows: list[dict], title: str, limit: int = 20) -> None:
 
 
 def _number(value: float) -> str:
-    return "-" if value != value else f"{value:.4f}"
+    return "-" if math.isnan(value) else f"{value:.4f}"
 
 
 def _param(text: str) -> str:
