@@ -33,8 +33,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     ``address`` None (or ``local``) starts a private local Ray bound to 127.0.0.1; anything else
     is passed to ``ray.init`` (``auto`` joins the cluster this machine belongs to).
     """
-    local = address in (None, "", "local")
-    if local:
+    local_ray = address in (None, "", "local")
+    if local_ray:
         _bind_to_loopback()
     # Ray is imported by the functions that use it: the CLI imports this module at start-up
     # (for VersionMismatch), and importing Ray takes seconds.
@@ -44,7 +44,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
         # Keep Ray Data's and Train's console noise to progress bars and warnings.
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": not quiet}
-        if local:
+        if local_ray:
             # Train's controller looks at its workers (and collects their reports) every 2 s by
             # default: on short trials that is seconds of waiting per trial and per epoch.
             os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -61,7 +61,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
         else:
             kwargs.update(address=address)
         ray.init(**kwargs)
-        if not local:
+        if not local_ray:
             check_cluster_versions()
     return dict(ray.cluster_resources())
 

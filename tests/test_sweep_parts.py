@@ -42,15 +42,15 @@ def test_a_ddp_trial_holds_no_cpu_and_a_one_worker_trial_holds_its_worker():
 def test_concurrency_is_capped_to_what_the_local_machine_holds():
     lines: list[str] = []
     sweep = demo_sweep(concurrency=3)  # 2 workers x 1 CPU a trial
-    assert _fitting_concurrency(sweep, {"CPU": 2.0}, local=True, log=lines.append) == 1
+    assert _fitting_concurrency(sweep, {"CPU": 2.0}, local_ray=True, log=lines.append) == 1
     assert "lowered from 3 to 1" in lines[-1]
-    assert _fitting_concurrency(sweep, {"CPU": 8.0}, local=True, log=lines.append) == 3
+    assert _fitting_concurrency(sweep, {"CPU": 8.0}, local_ray=True, log=lines.append) == 3
     # A cluster that can grow keeps what was asked, with a note.
-    assert _fitting_concurrency(sweep, {"CPU": 2.0}, local=False, log=lines.append) == 3
+    assert _fitting_concurrency(sweep, {"CPU": 2.0}, local_ray=False, log=lines.append) == 3
     assert "autoscaler" in lines[-1]
     sweep.resources.workers_per_trial = 3
     with pytest.raises(SweepError, match="3 worker"):
-        _fitting_concurrency(sweep, {"CPU": 2.0}, local=True, log=lines.append)
+        _fitting_concurrency(sweep, {"CPU": 2.0}, local_ray=True, log=lines.append)
 
 
 class _Trial:

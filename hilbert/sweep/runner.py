@@ -223,15 +223,15 @@ def _run_tuner(sweep: SweepConfig, prepared: _Prepared, setup: TrialSetup, folde
     # A trial retried after its node died counts Tune's iterations from 1 again; Optuna, which
     # only records them here (stopping is the scheduler's), would warn at every repeated step.
     warnings.filterwarnings("ignore", message="The reported value is ignored because this `step")
-    local = address in (None, "", "local")
+    local_ray = address in (None, "", "local")
     resources = connect(address)
-    concurrency = _fitting_concurrency(sweep, resources, local=local, log=log)
+    concurrency = _fitting_concurrency(sweep, resources, local_ray=local_ray, log=log)
     url = dashboard_url()
     if url:
         log(f"Ray dashboard: {url}")
     driver_experiment = setup.experiment  # the callback logs from here, directly
     relay = None
-    if needs_relay(driver_experiment.uri, local_ray=local):
+    if needs_relay(driver_experiment.uri, local_ray=local_ray):
         relay = start_relay(driver_experiment.uri)
         setup = dataclasses.replace(setup, experiment=dataclasses.replace(driver_experiment,
                                                                           relayed=RelayedClient(relay)))
@@ -297,7 +297,7 @@ def _trial_resources(sweep: SweepConfig) -> dict[str, float]:
     return {"cpu": 0, "memory": 1024 ** 2}
 
 
-def _fitting_concurrency(sweep: SweepConfig, resources: dict[str, Any], *, local: bool,
+def _fitting_concurrency(sweep: SweepConfig, resources: dict[str, Any], *, local_ray: bool,
                          log: Callable[[str], None]) -> int:
     """How many trials can train at once: trials x workers x CPUs (and GPUs) must fit the cluster,
     or Train workers wait for resources their siblings hold."""
@@ -313,10 +313,10 @@ def _fitting_concurrency(sweep: SweepConfig, resources: dict[str, Any], *, local
     what = (f"{need.workers_per_trial} worker(s) x {need.cpus_per_worker} CPU"
             + (f" x {need.gpus_per_worker} GPU" if need.gpus_per_worker else ""))
     have = f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU"
-    if fitting < 1 and local:
+    if fitting < 1 and local_ray:
         raise SweepError(f"a trial needs {what} and this machine has {have}: lower resources.workers_per_trial "
                          "or resources.cpus_per_worker")
-    if not local:  # an autoscaling cluster may grow to fit; say so and let it
+    if not local_ray:  # an autoscaling cluster may grow to fit; say so and let it
         log(f"note: {sweep.concurrency} concurrent trials of {what} need more than the cluster has now ({have}); "
             "trials wait for the autoscaler")
         return sweep.concurrency

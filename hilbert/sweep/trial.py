@@ -86,10 +86,10 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
     with TrialTracker(setup.experiment, setup.parent_run_id, trial_id, params, name=trial_run_name(trial_id),
                       tags={**setup.run_tags, **_node_tags()}) as run:
         # The best fold models, on this node only until they are logged (the run keeps them).
-        local = Path(tempfile.mkdtemp(prefix=f"hilbert-trial-{trial_id}-"))
+        scratch = Path(tempfile.mkdtemp(prefix=f"hilbert-trial-{trial_id}-"))
         try:
             fitting = time.perf_counter()
-            per_fold, models = train_trial(plan, config, trial_id, setup.folder, local / "model")
+            per_fold, models = train_trial(plan, config, trial_id, setup.folder, scratch / "model")
             fitted = time.perf_counter()
             run.log_fold_table(per_fold)
             outputs = out_of_fold_outputs(Path(models), plan)
@@ -97,11 +97,11 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
             # Every test prediction (doc_id, fold, task, class probabilities): what the trial's
             # test figures came from, for any later analysis or paired comparison.
             table = predictions_table(outputs.test_predictions({}), setup.classes)
-            storage.write_parquet(table, local / "test_predictions" / "hilbert.parquet")
-            run.log_artifacts(local / "test_predictions", "test_predictions")
+            storage.write_parquet(table, scratch / "test_predictions" / "hilbert.parquet")
+            run.log_artifacts(scratch / "test_predictions", "test_predictions")
             log_model(run.run_id, models, client=setup.experiment.client)
         finally:
-            shutil.rmtree(local, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
         # Where a trial's time goes beyond its epochs (docs/benchmarks.md): before Train starts,
         # Train's whole fit (worker start-up + epochs), and logging results afterwards.
         run.log_epoch({"time/trial_setup_seconds": fitting - entered, "time/fit_seconds": fitted - fitting,
@@ -168,9 +168,9 @@ class TrialCheckpoints:
     def __init__(self, location: str):
         self.folder = storage.Folder(location)
 
-    def save(self, local: Path, epoch: int) -> None:
+    def save(self, checkpoint: Path, epoch: int) -> None:
         name = f"checkpoint_{epoch:06d}"
-        self.folder.move_in(local, name)  # the loop's temporary checkpoint: no need to copy it
+        self.folder.move_in(checkpoint, name)  # the loop's temporary checkpoint: no need to copy it
         self.folder.write_bytes(self.LATEST, name.encode("utf-8"))
         for older in self.folder.folders():
             if older.startswith("checkpoint_") and older != name:

@@ -133,9 +133,10 @@ def register_logged_model(run_id: str, model_name: str, alias: str | None = CHAL
     if not _artifact_files(client, run_id, MODEL_FOLDER):
         raise RegistryError(f"run {run_id} has no {MODEL_FOLDER}/ artifact to register")
     with tempfile.TemporaryDirectory(prefix="hilbert-register-") as folder:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{client.get_run(run_id).info.artifact_uri}/"
-                                                    f"{MODEL_FOLDER}/signature.json", dst_path=folder, tracking_uri=store)
-        described = json.loads(Path(local).read_text(encoding="utf-8"))
+        signature_file = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{client.get_run(run_id).info.artifact_uri}/{MODEL_FOLDER}/signature.json", dst_path=folder,
+            tracking_uri=store)
+        described = json.loads(Path(signature_file).read_text(encoding="utf-8"))
     _ensure_registered_model(client, model_name)
     version = client.create_model_version(
         model_name, source=f"{client.get_run(run_id).info.artifact_uri}/{MODEL_FOLDER}", run_id=run_id,
@@ -206,12 +207,12 @@ def resolve_model(uri: str | Path, destination: str | Path | None = None, *, tra
             source = _model_version_source(client, text)
     destination = Path(destination) if destination else Path(tempfile.mkdtemp(prefix="hilbert-model-"))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(destination),
-                                                         tracking_uri=store))
+        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(destination),
+                                                              tracking_uri=store))
     except (MlflowException, OSError) as error:
         raise RegistryError(f"cannot download {text} ({source}): {error}") from error
-    checkpoint_folders(local)
-    return local
+    checkpoint_folders(downloaded)
+    return downloaded
 
 
 def _model_version_source(client: MlflowClient, uri: str) -> str:
