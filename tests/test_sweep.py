@@ -32,7 +32,7 @@ from hilbert.data.manifest import load_manifest
 from hilbert.features.cache import FeatureCache
 from hilbert.features.extract import extract_features
 from hilbert.sweep.runner import run_sweep
-from hilbert.sweep.resume import saved_optuna_search
+from hilbert.sweep.resume import saved_study
 from hilbert.tracking.runs import FAILED, FINISHED, KILLED, PARENT_TAG, ROLE_TAG, RUNNING, TRIAL_ID_TAG
 from sessions import communicate_or_explain, kill_session
 
@@ -289,7 +289,7 @@ def test_a_failing_trial_ends_failed_and_the_sweep_goes_on(local_ray, corpus: Pa
     assert retried.counts == {FINISHED: 2}
     assert_challenger_is(client, result.model_name, best_finished(after))
     tune_folder = tmp_path / "runs" / "sweeps" / "failing" / "tune"
-    study = saved_optuna_search(max(tune_folder.glob("searcher-state-*.pkl")))._ot_study
+    study = saved_study(str(tune_folder))
     values = sorted(trial.value for trial in study.trials if trial.value is not None)
     assert values == sorted(run.data.metrics["objective"] for run in after)
 

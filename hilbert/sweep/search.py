@@ -20,6 +20,7 @@ def make_searcher(sweep: SweepConfig) -> OptunaSearch:
     else:
         sampler = optuna.samplers.RandomSampler(seed=settings.seed)
     space = {key: parameter.optuna_distribution() for key, parameter in sweep.search.items()}
+    # The study in memory, saved in Tune's searcher state (why not in Optuna's storage: resume.py).
     return OptunaSearch(space=space, metric=OBJECTIVE, mode=sweep.objective.mode, sampler=sampler)
 
 
