@@ -491,10 +491,37 @@ def test_identical_texts_give_identical_vectors(bert):
     np.testing.assert_array_equal(first, second)
 
 
-def test_text_longer_than_the_model_is_truncated_to_its_maximum_length(bert):
+def bert_window_vectors(folder: Path, windows: list[list[int]]) -> np.ndarray:
+    """The mean last hidden state of each window of token ids, [CLS] and [SEP] added, run alone."""
+    from transformers import BertModel, BertTokenizer
+
+    tokenizer, model = BertTokenizer.from_pretrained(folder), BertModel.from_pretrained(folder).eval()
+    with torch.inference_mode():
+        return np.stack([model(input_ids=torch.tensor([[tokenizer.cls_token_id, *ids, tokenizer.sep_token_id]]))
+                         .last_hidden_state[0].mean(dim=0).numpy() for ids in windows])
+
+
+def test_text_longer_than_the_model_is_the_token_weighted_mean_of_its_windows(checkpoints, bert):
+    from transformers import BertTokenizer
+
     assert bert.max_length == 64
-    long = " ".join(["the cat sat on the mat"] * 40)
-    np.testing.assert_allclose(bert.encode([long])[0], bert.encode([long + " dog dog dog"])[0], atol=1e-6)
+    long = " ".join(["the cat sat on the mat", "dogs ran"] * 16)  # 144 tokens
+    ids = BertTokenizer.from_pretrained(checkpoints["bert"])(long, add_special_tokens=False)["input_ids"]
+    windows = [ids[start:start + 62] for start in range(0, len(ids), 62)]  # 62 tokens + [CLS] + [SEP] = 64
+    assert len(windows) == 3 and len(windows[-1]) < 62
+    weights = np.array([len(window) + 2 for window in windows], dtype=np.float64)
+    expected = (bert_window_vectors(checkpoints["bert"], windows) * weights[:, None]).sum(axis=0) / weights.sum()
+    vector = bert.encode([long])[0]
+    np.testing.assert_allclose(vector, expected, atol=1e-5)
+    assert not np.allclose(vector, bert_window_vectors(checkpoints["bert"], windows[:1])[0], atol=1e-3)
+    # Nothing past the first window is dropped any more: more words change the vector.
+    assert not np.allclose(vector, bert.encode([long + " dog dog dog"])[0], atol=1e-4)
+
+
+def test_text_of_exactly_the_maximum_length_is_one_window(checkpoints, bert):
+    ids = [TINY_VOCABULARY.index(word) for word in ["the", "cat", "sat", "on", "the", "mat"] * 10 + ["dog", "ran"]]
+    text = " ".join(TINY_VOCABULARY[i] for i in ids)
+    np.testing.assert_allclose(bert.encode([text])[0], bert_window_vectors(checkpoints["bert"], [ids])[0], atol=1e-5)
 
 
 def test_text_layer_choice_and_avg(checkpoints):

@@ -4,6 +4,8 @@
 config's ``model_type`` decides whether it is an audio or a text encoder, before any weights are
 loaded. Its identity for the feature cache is the Hub commit it resolved to or, for a folder
 (or a Hub cache that does not record commits), a SHA-256 over the files that define its outputs.
+A checkpoint may sit in a ``subfolder`` of what ``name`` names (the transformer module of an
+older sentence-transformers folder, ``0_Transformer/``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ WHISPER_MODEL_TYPES = frozenset({"whisper"})
 TEXT_MODEL_TYPES = frozenset({
     "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "distilbert", "albert", "electra",
     "deberta", "deberta-v2", "mpnet", "modernbert",
+    # Encoder-decoder models of which only the encoder is loaded (hf_text.ENCODER_ONLY_CLASSES).
+    "t5", "mt5", "umt5",
 })
 
 # The files whose contents can change what a checkpoint outputs (weights, configs, vocabularies).
@@ -37,6 +41,7 @@ class HFCheckpoint:
 
     name: str
     revision: str | None = None
+    subfolder: str = ""
 
     @classmethod
     def from_spec(cls, spec: EncoderSpec, revision: str | None) -> "HFCheckpoint":
@@ -60,11 +65,24 @@ class HFCheckpoint:
     def location(self) -> str:
         return str(Path(self.name).expanduser()) if self.is_local else self.name
 
+    def inside(self, subfolder: str) -> "HFCheckpoint":
+        """The checkpoint in ``subfolder`` of this one ("" is this one)."""
+        return HFCheckpoint(self.name, self.revision, subfolder)
+
+    def optional_file(self, filename: str) -> Path | None:
+        """The local path of ``filename`` (relative to the checkpoint's root, not its subfolder), or
+        None when the checkpoint has no such file or it cannot be fetched."""
+        from transformers.utils import cached_file
+
+        path = cached_file(self.location, filename, revision=self.revision, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        return Path(path) if path else None
+
     def load_config(self, spec: EncoderSpec) -> Any:
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(self.location, revision=self.revision)
+            return AutoConfig.from_pretrained(self.location, revision=self.revision, subfolder=self.subfolder)
         except (OSError, ValueError) as error:
             raise EncoderSpecError(
                 f"encoder spec {str(spec)!r}: cannot load a model config from {self.name!r} "
@@ -76,7 +94,7 @@ class HFCheckpoint:
         """``auto_class.from_pretrained`` on this checkpoint, failing with a message that says what
         could not be loaded from where (a missing preprocessor file, a truncated weights file...)."""
         try:
-            return auto_class.from_pretrained(self.location, revision=self.revision, **kwargs)
+            return auto_class.from_pretrained(self.location, revision=self.revision, subfolder=self.subfolder, **kwargs)
         except Exception as error:  # transformers, safetensors and tokenizers each raise their own types
             raise EncoderSpecError(
                 f"encoder spec {str(spec)!r}: cannot load the {what} of {self.name!r}: {error}"
@@ -111,7 +129,7 @@ class HFCheckpoint:
         from transformers.utils import cached_file
         from transformers.utils.hub import extract_commit_hash
 
-        config_path = cached_file(self.location, "config.json", revision=self.revision)
+        config_path = cached_file(self.location, "config.json", revision=self.revision, subfolder=self.subfolder)
         commit = extract_commit_hash(config_path, None)
         if commit:
             return {"repository": self.name, "commit": commit}

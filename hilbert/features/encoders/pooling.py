@@ -1,4 +1,5 @@
-"""Which hidden states a transformer encoder contributes, and their mean over valid positions."""
+"""Which hidden states a transformer encoder contributes, and their mean over valid positions
+(or, for CLS pooling, the first valid position)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ def masked_sums(frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     with torch.autocast(device_type=frames.device.type, enabled=False):
         mask = mask.to(torch.float32)
         return torch.einsum("btd,bt->bd", frames.float(), mask), mask.sum(dim=1)
+
+
+def first_valid(frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[batch, dim]`` float32: each row's first position where ``mask [batch, time]`` is set (the
+    [CLS] token, on whichever side the tokenizer pads)."""
+    first = mask.to(torch.int64).argmax(dim=1)
+    return frames[torch.arange(frames.shape[0], device=frames.device), first].float()
 
 
 def length_mask(lengths: torch.Tensor, time: int) -> torch.Tensor:
