@@ -13,6 +13,10 @@ the batch. They differ in how a batch is padded and how many output frames are v
   so padding would change their outputs; for those, a batch only holds chunks of equal length.
 - Whisper: every chunk is padded to the model's 30-second window (how it was trained, and
   its encoder accepts nothing else), so only the frames that cover real samples are averaged.
+
+The recipe itself (:class:`ChunkedSpeechEncoder`) and Whisper's window (:class:`WhisperWindow`)
+do not depend on what runs the model: ``ct2_whisper.py`` runs Whisper's encoder on CTranslate2
+with the same two pieces, so both engines give the same vectors for the same weights.
 """
 
 from __future__ import annotations
@@ -103,35 +107,15 @@ def chunk_seconds_for(spec: EncoderSpec, chunk_seconds: float | None, feature_ex
 
 
 class ChunkedSpeechEncoder(AudioEncoder):
-    """Chunking, length-sorted batching and frame pooling; subclasses run one batch of chunks."""
+    """Chunking, length-sorted batching and frame pooling, whatever engine runs the model;
+    subclasses run one batch of chunks."""
 
-    def __init__(self, spec: EncoderSpec, settings: SpeechSettings, model: torch.nn.Module, feature_extractor: Any,
-                 batch_size: int, device: str):
+    def __init__(self, spec: EncoderSpec | str, dim: int, sample_rate: int, chunk_seconds: float, batch_size: int):
         self.spec = str(spec)
-        self.settings = settings
-        self.dim = settings.dim
-        self.sample_rate = settings.sample_rate
-        self.layer = settings.layer
-        self.chunk_seconds = settings.chunk_seconds
+        self.dim = dim
+        self.sample_rate = sample_rate
+        self.chunk_seconds = chunk_seconds
         self.batch_size = batch_size
-        self.device = device
-        self.feature_extractor = feature_extractor
-        self.model = model.to(device).eval().requires_grad_(False)
-
-    @classmethod
-    def load(cls, spec: EncoderSpec, options: dict, checkpoint: HFCheckpoint, config: Any,
-             device: str) -> "ChunkedSpeechEncoder":
-        from transformers import AutoFeatureExtractor, AutoModel
-
-        feature_extractor = checkpoint.load(spec, AutoFeatureExtractor, "feature extractor")
-        settings = SpeechSettings.read(spec, options, checkpoint, config, feature_extractor)
-        model = checkpoint.load(spec, AutoModel, "weights", dtype=torch.float32)
-        return cls(spec, settings, cls.frozen_part(model), feature_extractor, options["batch_size"], device)
-
-    @staticmethod
-    def frozen_part(model: torch.nn.Module) -> torch.nn.Module:
-        """The part of the loaded model that computes the frames (all of it, unless overridden)."""
-        return model
 
     @property
     @abstractmethod
@@ -147,16 +131,12 @@ class ChunkedSpeechEncoder(AudioEncoder):
     def _frame_sums(self, chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """For a batch of chunks: ``[batch, dim]`` sums of valid output frames and ``[batch]`` counts."""
 
-    def fingerprint(self) -> dict:
-        return self.settings.fingerprint()
-
     def encode(self, waveforms: Sequence[np.ndarray]) -> np.ndarray:
         chunks, owners = self._chunks(waveforms)
         sums = np.zeros((len(waveforms), self.dim), dtype=np.float64)
         counts = np.zeros(len(waveforms), dtype=np.float64)
         for batch in self._batches([len(chunk) for chunk in chunks]):
-            with torch.inference_mode(), autocast_on(self.device):
-                batch_sums, batch_counts = self._frame_sums([chunks[i] for i in batch])
+            batch_sums, batch_counts = self._frame_sums([chunks[i] for i in batch])
             np.add.at(sums, [owners[i] for i in batch], batch_sums.double().cpu().numpy())
             np.add.at(counts, [owners[i] for i in batch], batch_counts.double().cpu().numpy())
         assert (counts > 0).all(), "every segment yields at least one frame"
@@ -185,6 +165,41 @@ class ChunkedSpeechEncoder(AudioEncoder):
             yield batch
 
 
+class TransformersSpeechEncoder(ChunkedSpeechEncoder):
+    """A frozen transformers model on a torch device (float16 autocast on CUDA)."""
+
+    def __init__(self, spec: EncoderSpec, settings: SpeechSettings, model: torch.nn.Module, feature_extractor: Any,
+                 batch_size: int, device: str):
+        super().__init__(spec, settings.dim, settings.sample_rate, settings.chunk_seconds, batch_size)
+        self.settings = settings
+        self.layer = settings.layer
+        self.device = device
+        self.feature_extractor = feature_extractor
+        self.model = model.to(device).eval().requires_grad_(False)
+
+    @classmethod
+    def load(cls, spec: EncoderSpec, options: dict, checkpoint: HFCheckpoint, config: Any,
+             device: str) -> "TransformersSpeechEncoder":
+        from transformers import AutoFeatureExtractor, AutoModel
+
+        feature_extractor = checkpoint.load(spec, AutoFeatureExtractor, "feature extractor")
+        settings = SpeechSettings.read(spec, options, checkpoint, config, feature_extractor)
+        model = checkpoint.load(spec, AutoModel, "weights", dtype=torch.float32)
+        return cls(spec, settings, cls.frozen_part(model), feature_extractor, options["batch_size"], device)
+
+    @staticmethod
+    def frozen_part(model: torch.nn.Module) -> torch.nn.Module:
+        """The part of the loaded model that computes the frames (all of it, unless overridden)."""
+        return model
+
+    def fingerprint(self) -> dict:
+        return self.settings.fingerprint()
+
+    def encode(self, waveforms: Sequence[np.ndarray]) -> np.ndarray:
+        with torch.inference_mode(), autocast_on(self.device):
+            return super().encode(waveforms)
+
+
 def split_into_chunks(waveform: np.ndarray, chunk_samples: int, shortest: int) -> list[np.ndarray]:
     """Consecutive pieces of ``chunk_samples`` (the last one shorter), each at least ``shortest``
     long by zero-padding, and at least one piece even for an empty waveform."""
@@ -193,7 +208,7 @@ def split_into_chunks(waveform: np.ndarray, chunk_samples: int, shortest: int) -
     return [np.pad(piece, (0, max(0, shortest - len(piece)))) for piece in pieces]
 
 
-class Wav2Vec2FamilyEncoder(ChunkedSpeechEncoder):
+class Wav2Vec2FamilyEncoder(TransformersSpeechEncoder):
     """wav2vec2, HuBERT, WavLM, data2vec-audio and relatives (``AutoModel`` + ``AutoFeatureExtractor``)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -244,7 +259,32 @@ def smallest_input_with_output(output_lengths: Any) -> int:
     return low
 
 
-class WhisperAudioEncoder(ChunkedSpeechEncoder):
+class WhisperWindow:
+    """What every Whisper encoder shares, whichever engine runs it: log-mel features of each chunk
+    padded to the window, and how many encoder frames cover the chunk's real samples."""
+
+    feature_extractor: Any  # a transformers WhisperFeatureExtractor
+    sample_rate: int
+
+    @property
+    def shortest_input(self) -> int:
+        return int(self.feature_extractor.hop_length)
+
+    def _window_features(self, chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[batch, n_mels, window frames]`` float32 log-mel features and ``[batch]`` valid encoder frames."""
+        features = self.feature_extractor(chunks, sampling_rate=self.sample_rate, return_attention_mask=True,
+                                          return_tensors="pt")
+        return features["input_features"], whisper_encoder_frames(features["attention_mask"].sum(dim=1))
+
+
+def whisper_encoder_frames(mel_frames: torch.Tensor) -> torch.Tensor:
+    """Encoder output frames of ``mel_frames`` log-mel frames: Whisper's second convolution
+    (kernel 3, stride 2, padding 1) halves them, rounding up (transformers'
+    ``WhisperEncoder._get_feat_extract_output_lengths``)."""
+    return (mel_frames - 1) // 2 + 1
+
+
+class WhisperAudioEncoder(WhisperWindow, TransformersSpeechEncoder):
     """The encoder half of a Whisper checkpoint, with its ``WhisperFeatureExtractor``."""
 
     @staticmethod
@@ -252,23 +292,15 @@ class WhisperAudioEncoder(ChunkedSpeechEncoder):
         # Keep only the encoder: the decoder is about half the weights and never runs here.
         return model.get_encoder()
 
-    @property
-    def shortest_input(self) -> int:
-        return int(self.feature_extractor.hop_length)
-
     def _frame_sums(self, chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.feature_extractor(chunks, sampling_rate=self.sample_rate, return_attention_mask=True,
-                                          return_tensors="pt")
-        outputs = self.model(features["input_features"].to(self.device),
-                             output_hidden_states=wants_hidden_states(self.layer))
+        features, valid = self._window_features(chunks)
+        outputs = self.model(features.to(self.device), output_hidden_states=wants_hidden_states(self.layer))
         frames = select_layer(outputs, self.layer)
-        mel_frames = features["attention_mask"].sum(dim=1)
-        valid = self.model._get_feat_extract_output_lengths(mel_frames).to(self.device)
-        return masked_sums(frames, length_mask(valid, frames.shape[1]))
+        return masked_sums(frames, length_mask(valid.to(self.device), frames.shape[1]))
 
 
 def load_speech_encoder(spec: EncoderSpec, options: dict, checkpoint: HFCheckpoint, config: Any,
-                        device: str) -> ChunkedSpeechEncoder:
+                        device: str) -> TransformersSpeechEncoder:
     encoder_class = WhisperAudioEncoder if config.model_type in WHISPER_MODEL_TYPES else Wav2Vec2FamilyEncoder
     return encoder_class.load(spec, options, checkpoint, config, device)
 
