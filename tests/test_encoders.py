@@ -355,7 +355,7 @@ def test_segments_shorter_than_the_receptive_field_still_encode(speech_encoders,
     assert np.isfinite(vectors).all()
 
 
-@pytest.mark.parametrize("name", ["wav2vec2", "hubert", "whisper"])
+@pytest.mark.parametrize("name", SPEECH_MODELS)
 def test_layer_choice_changes_the_vector_and_avg_is_the_mean_over_layers(checkpoints, name):
     segments = [tone(220, 0.6), noise(0.8)]
     by_layer = [build_audio_encoder(f"hf:{checkpoints[name]}?layer={layer}", device="cpu").encode(segments)
@@ -373,7 +373,7 @@ def test_layer_out_of_range_is_a_spec_error(checkpoints):
         build_audio_encoder(f"hf:{checkpoints['wav2vec2']}?layer=3", device="cpu")
 
 
-@pytest.mark.parametrize("name", ["wav2vec2", "hubert", "whisper"])
+@pytest.mark.parametrize("name", SPEECH_MODELS)
 def test_long_segment_is_the_frame_weighted_mean_of_its_chunks(checkpoints, speech_encoders, name):
     # Three equal 0.5 s chunks give equal frame counts, so the weighted mean is the plain mean.
     segment = noise(1.5, seed=4)
