@@ -129,6 +129,59 @@ class ExtractionReport:
                 f"{self.computed_audio_seconds / wall:.1f} audio s/s ({entries})")
 
 
+class ExtractionProgress:
+    """Progress lines while documents come back encoded: documents done of the total, audio
+    seconds encoded per second of wall time, and the time left at that rate.
+
+    The first finished batch and the last are always reported, others at most every
+    ``every_seconds``. The estimate counts audio seconds (documents arrive longest first, so a
+    document count would promise too much too early); it counts documents when only text is left.
+    """
+
+    def __init__(self, jobs: list[_Job], log: Callable[[str], None], every_seconds: float = 10.0):
+        self.total_documents = len(jobs)
+        self.total_audio_seconds = sum(job.audio_seconds for job in jobs)
+        self.log = log
+        self.every_seconds = every_seconds
+        self.started = time.perf_counter()
+        self.documents = 0
+        self.audio_seconds = 0.0
+        self._reported_at: float | None = None
+
+    def add(self, documents: int, audio_seconds: float) -> None:
+        self.documents += documents
+        self.audio_seconds += audio_seconds
+        now = time.perf_counter()
+        done = self.documents >= self.total_documents
+        if done or self._reported_at is None or now - self._reported_at >= self.every_seconds:
+            self._reported_at = now
+            self.log(self.line(now - self.started))
+
+    def line(self, elapsed: float) -> str:
+        elapsed = max(elapsed, 1e-9)
+        share = (self.audio_seconds / self.total_audio_seconds if self.total_audio_seconds > 0
+                 else self.documents / max(self.total_documents, 1))
+        if self.documents >= self.total_documents:
+            status = f"done in {duration_text(elapsed)}"
+        elif share > 0:
+            status = f"ETA {duration_text(elapsed * (1 - share) / share)}"
+        else:
+            status = "ETA unknown"
+        return (f"encoding: {self.documents}/{self.total_documents} documents, "
+                f"{self.audio_seconds:.0f}/{self.total_audio_seconds:.0f} s of audio, "
+                f"{self.audio_seconds / elapsed:.1f} audio s/s, {status}")
+
+
+def duration_text(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 def manifest_sha256(manifest: Manifest) -> str:
     return file_sha256(manifest.path)
 
@@ -151,7 +204,9 @@ def extract_features(
     document of ``manifest``.
 
     Returns the report with the :class:`FeatureSet` that training reads. ``address`` is the Ray
-    cluster (None: an embedded local Ray, started only when something needs encoding).
+    cluster (None: an embedded local Ray, started only when something needs encoding). With
+    ``progress``, encoding reports documents done, audio seconds per second and an ETA through
+    ``log`` (:class:`ExtractionProgress`).
     """
     started = time.perf_counter()
     cache = FeatureCache(cache_dir)
@@ -166,7 +221,7 @@ def extract_features(
         audio_seconds=sum(s.duration for d in manifest for s in d.segments))
     encode = functools.partial(_run_on_ray, specs=specs, cache=cache, address=address, num_actors=num_actors,
                                cpus_per_actor=cpus_per_actor, use_gpu=use_gpu,
-                               documents_per_batch=documents_per_batch, progress=progress)
+                               documents_per_batch=documents_per_batch, progress=progress, log=log)
     with cache.referencing(keys, description=f"extraction of {manifest.path}") as reference:
         jobs = _missing_jobs(manifest, cache, keys)  # only now: from here on a prune keeps these keys
         for modality in MODALITIES:
@@ -279,7 +334,7 @@ class EncodeAndStore:
         return self._text
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        doc_ids, segments = [], []
+        doc_ids, segments, audio_seconds = [], [], []
         for payload in batch["job"]:
             job = _Job.from_json(payload)
             # has(): another actor, or a concurrent run on a shared cache, may have finished it.
@@ -293,12 +348,14 @@ class EncodeAndStore:
                 self.cache.put("text", job.text_key, features, doc_id=job.doc_id, encoder=encoder.spec)
             doc_ids.append(job.doc_id)
             segments.append(len(job.spans))
-        return {"doc_id": np.array(doc_ids), "segments": np.array(segments)}
+            audio_seconds.append(job.audio_seconds)
+        return {"doc_id": np.array(doc_ids), "segments": np.array(segments), "audio_seconds": np.array(audio_seconds)}
 
 
 def _run_on_ray(jobs: list[_Job], specs: dict[str, str], cache: FeatureCache, *, address: str | None,
                 num_actors: int | None, cpus_per_actor: float, use_gpu: bool | None,
-                documents_per_batch: int, progress: bool, keep_alive: Callable[[], None] = lambda: None) -> None:
+                documents_per_batch: int, progress: bool, log: Callable[[str], None] = print,
+                keep_alive: Callable[[], None] = lambda: None) -> None:
     import ray.data  # only when something is left to encode: a full cache hit never starts Ray
 
     resources = connect(address)
@@ -311,7 +368,7 @@ def _run_on_ray(jobs: list[_Job], specs: dict[str, str], cache: FeatureCache, *,
     num_actors = max(1, min(num_actors, len(jobs)))
 
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = progress
+    context.enable_progress_bars = False  # ExtractionProgress says what matters here: documents, audio s/s, ETA
     context.print_on_execution_start = False
     rows = [{"job": job.to_json()} for job in jobs]
     dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), num_actors * 4))
@@ -324,9 +381,12 @@ def _run_on_ray(jobs: list[_Job], specs: dict[str, str], cache: FeatureCache, *,
         num_cpus=cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
     )
+    tracker = ExtractionProgress(jobs, log) if progress else None
     try:
-        for _ in encoded.iter_batches(batch_size=None):
+        for done in encoded.iter_batches(batch_size=None):
             keep_alive()
+            if tracker is not None:
+                tracker.add(len(done["doc_id"]), float(np.sum(done["audio_seconds"])))
     except Exception as error:  # Ray wraps the actor's exception; keep its message, which names the doc
         cause = error.__cause__ or error
         raise ExtractionError(f"extraction with {specs['audio']!r} / {specs['text']!r} failed: {cause}") from error
