@@ -212,6 +212,11 @@ def test_roberta_windows_fit_its_position_table(folders, family):
     assert np.isfinite(vector).all() and not np.allclose(vector, encoder.encode([long[:40]])[0])
 
 
+def test_missing_text_model_is_a_spec_error_that_names_it():
+    with pytest.raises(EncoderSpecError, match="cannot load a model config from 'nobody/no-such-model'"):
+        build_text_encoder("hf:nobody/no-such-model", device="cpu")
+
+
 # ---------------------------------------------------------------- sentence-transformers folders
 
 def test_sentence_transformer_folder_follows_its_pooling_normalisation_and_length(folders, tmp_path):

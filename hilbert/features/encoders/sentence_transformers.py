@@ -15,7 +15,8 @@ folder) says how it was trained to be used, and ``hf:`` follows it:
   ``lasttoken``, several at once) is refused with a message that says so.
 - ``sentence_bert_config.json`` (beside the transformer's weights) gives ``max_seq_length``, the
   longest window the model is used with (256 for all-MiniLM-L6-v2, below BERT's 512), and
-  ``do_lower_case``.
+  ``do_lower_case``. Where sentence-transformers truncates a longer text, ``hf:`` encodes it in
+  windows of that length (:mod:`hf_text`), so the two agree on every text that fits.
 
 Nothing here loads weights: reading the recipe is part of computing a fingerprint.
 """
