@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -57,6 +58,14 @@ def write_manifest(folder: Path, records: Iterable[dict[str, Any] | str | bytes]
     return path
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_encoders(audio: str, text: str):
+    """Each encoder pair built once per test session."""
+    from hilbert.features.encoders import build_audio_encoder, build_text_encoder
+
+    return build_audio_encoder(audio, device="cpu"), build_text_encoder(text, device="cpu")
+
+
 def extract_in_process(manifest, audio: str, text: str, cache_dir: str | Path):
     """The feature set of ``manifest`` in ``cache_dir``, encoded in this process: what extraction's
     Ray actors do, in a plain loop (as benchmarks/extract.py does); then `extract_features` finds
@@ -65,13 +74,13 @@ def extract_in_process(manifest, audio: str, text: str, cache_dir: str | Path):
     import torch
 
     from hilbert.features.cache import FeatureCache
-    from hilbert.features.encoders import build_audio_encoder, build_text_encoder, encoder_fingerprint
+    from hilbert.features.encoders import encoder_fingerprint
     from hilbert.features.extract import encode_document_audio, encode_document_text, entry_keys, extract_features
 
     cache = FeatureCache(cache_dir)
     keys = entry_keys(manifest, cache, {"audio": encoder_fingerprint("audio", audio),
                                         "text": encoder_fingerprint("text", text)})
-    audio_encoder, text_encoder = build_audio_encoder(audio, device="cpu"), build_text_encoder(text, device="cpu")
+    audio_encoder, text_encoder = _cpu_encoders(audio, text)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

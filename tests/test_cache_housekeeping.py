@@ -12,13 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import extract_in_process
 from hilbert.cli import app
 from hilbert.data.demo import write_demo_corpus
 from hilbert.data.manifest import Manifest, load_manifest
@@ -31,38 +31,12 @@ from hilbert.features.cache import (
     PendingReference,
     entry_name,
 )
-from hilbert.features.encoders import build_audio_encoder, build_text_encoder, encoder_fingerprint
-from hilbert.features.extract import encode_document_audio, encode_document_text, entry_keys, extract_features
+from hilbert.features.extract import extract_features
 from hilbert.features.housekeeping import HousekeepingError, Pruner, cache_info, prune_cache, prune_mirror
 from test_cache_uri import CREDENTIALS, bucket, objects  # noqa: F401  (bucket: the moto S3 fixture)
 
 HOURS_AGO_2 = time.time() - 2 * 3600
 PAIRS = (("logmel", "hashngram"), ("logmel?n_mels=32", "hashngram"))
-
-
-@lru_cache(maxsize=None)
-def encoders(audio: str, text: str):
-    return build_audio_encoder(audio, device="cpu"), build_text_encoder(text, device="cpu")
-
-
-def extract_in_process(manifest: Manifest, audio: str, text: str, cache_dir: str | Path) -> FeatureSet:
-    """What extraction's Ray actors do, in a plain loop (as benchmarks/extract.py does); then
-    `extract_features` finds every entry cached and writes the feature set without starting Ray."""
-    cache = FeatureCache(cache_dir)
-    keys = entry_keys(manifest, cache, {"audio": encoder_fingerprint("audio", audio),
-                                        "text": encoder_fingerprint("text", text)})
-    audio_encoder, text_encoder = encoders(audio, text)
-    for doc in manifest:
-        if not cache.has("audio", keys["audio"][doc.doc_id]):
-            features = encode_document_audio(audio_encoder, doc.audio_path, [(s.start, s.end) for s in doc.segments],
-                                             doc.doc_id)
-            cache.put("audio", keys["audio"][doc.doc_id], features, doc_id=doc.doc_id, encoder=audio_encoder.spec)
-        if not cache.has("text", keys["text"][doc.doc_id]):
-            features = encode_document_text(text_encoder, [s.text for s in doc.segments], doc.doc_id)
-            cache.put("text", keys["text"][doc.doc_id], features, doc_id=doc.doc_id, encoder=text_encoder.spec)
-    report = extract_features(manifest, audio, text, cache_dir, progress=False)
-    assert report.cache_hit, "the loop above must write exactly the entries extraction plans"
-    return report.feature_set
 
 
 @pytest.fixture(scope="module")

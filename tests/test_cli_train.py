@@ -13,7 +13,9 @@ import yaml
 from typer.testing import CliRunner
 
 from hilbert.cli import app
+from conftest import extract_in_process
 from hilbert.data.demo import write_demo_corpus
+from hilbert.data.manifest import load_manifest
 
 pytestmark = pytest.mark.slow
 REPOSITORY = Path(__file__).parents[1]
@@ -25,6 +27,10 @@ def trained(local_ray, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     manifest = write_demo_corpus(root / "corpus", n_documents=120, seed=1)
     config = yaml.safe_load((REPOSITORY / "tune" / "train-demo.yaml").read_text())
+    # The features, encoded in this process (Ray Data's extraction has its own tests): the
+    # command below finds them cached, as a second run would.
+    extract_in_process(load_manifest(manifest), config["data"]["audio_encoder"], config["data"]["text_encoder"],
+                       root / "cache")
     config.update(output_dir=str(root / "runs"), variants=["hilbert", "text_only"])
     config["data"].update(manifest=str(manifest), cache_dir=str(root / "cache"))
     config["optimization"].update(epochs=8, patience=8)

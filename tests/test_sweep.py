@@ -34,6 +34,7 @@ from hilbert.features.extract import extract_features
 from hilbert.sweep.runner import run_sweep
 from hilbert.sweep.resume import saved_study
 from hilbert.tracking.runs import FAILED, FINISHED, KILLED, PARENT_TAG, ROLE_TAG, RUNNING, TRIAL_ID_TAG
+from conftest import extract_in_process
 from sessions import communicate_or_explain, kill_session
 
 pytestmark = pytest.mark.slow
@@ -55,9 +56,14 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory) -> Path:
-    """A feature cache the sweeps of intact features share (extracted once, then cache hits)."""
-    return tmp_path_factory.mktemp("sweep-cache")
+def shared_cache(corpus: Path, tmp_path_factory) -> Path:
+    """A feature cache the sweeps share, filled once in this process (Ray Data's extraction has
+    its own tests): every sweep below, in this process or a new one, finds its features cached."""
+    cache = tmp_path_factory.mktemp("sweep-cache")
+    manifest = load_manifest(corpus)
+    for text in (TEXT_256, TEXT_128):
+        extract_in_process(manifest, "logmel", text, cache)
+    return cache
 
 
 def write_sweep(root: Path, manifest: Path, *, name: str, trials: int, search: dict[str, Any],
