@@ -200,6 +200,12 @@ def test_sweep_tracks_every_trial_registers_the_best_and_predicts_from_its_alias
     assert result.model_version == version
     assert parent.data.tags["best_run_id"] == best.info.run_id and parent.data.tags["registered_version"] == version
     assert any(f"version {version}, alias challenger" in line for line in lines), lines
+    # What users compare trials by in the parent run: a table of every trial and the study's views.
+    assert {"sweep/trials.csv", "sweep/views/optimization_history.png",
+            "sweep/views/parallel_coordinate.png"} <= artifact_paths(client, parent.info.run_id)
+    trials = client.download_artifacts(parent.info.run_id, "sweep/trials.csv", str(tmp_path / "parent"))
+    assert sorted(line.split(",")[0] for line in Path(trials).read_text().splitlines()[1:]) == \
+        sorted(r.info.run_name for r in runs)
 
     # A new process knows nothing but the store and the alias.
     out = tmp_path / "predictions.parquet"

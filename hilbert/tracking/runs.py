@@ -126,6 +126,17 @@ class _TrackedRun:
         self.experiment.client.set_terminated(self.run_id, status)
         self._ended = True
 
+    def log_figures(self, figures: Mapping[str, "Figure"], folder: str = "figures") -> list[str]:
+        """Each figure as ``<folder>/<name>.png``; returns the artifact paths."""
+        paths = []
+        for name, figure in figures.items():
+            path = f"{folder}/{metric_key(name).replace('/', '_')}.png"
+            # No bbox_inches="tight": the figures' constrained layout already keeps every label
+            # on the canvas, and "tight" draws each figure twice (~0.2 s a trial).
+            self.experiment.client.log_figure(self.run_id, figure, path, save_kwargs={"dpi": 100})
+            paths.append(path)
+        return paths
+
     def _log_json(self, payload: Any, artifact_file: str) -> None:
         self.experiment.client.log_text(self.run_id, to_json(payload, indent=1) + "\n", artifact_file)
 
@@ -255,17 +266,6 @@ class TrialTracker(_TrackedRun):
         logged = finite_metrics(summary)
         self.log_epoch(logged, step=0)
         return logged
-
-    def log_figures(self, figures: Mapping[str, "Figure"], folder: str = "figures") -> list[str]:
-        """Each figure as ``<folder>/<name>.png``; returns the artifact paths."""
-        paths = []
-        for name, figure in figures.items():
-            path = f"{folder}/{metric_key(name).replace('/', '_')}.png"
-            # No bbox_inches="tight": the figures' constrained layout already keeps every label
-            # on the canvas, and "tight" draws each figure twice (~0.2 s a trial).
-            self.experiment.client.log_figure(self.run_id, figure, path, save_kwargs={"dpi": 100})
-            paths.append(path)
-        return paths
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.experiment.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
