@@ -307,3 +307,22 @@ def test_sentence_transformer_module_hf_cannot_apply_is_refused(folders, tmp_pat
     folder = save_tiny_sentence_transformer(tmp_path / "st", folders["bert"], extra_modules=(dense,))
     with pytest.raises(EncoderSpecError, match="lists a 'sentence_transformers.models.Dense' module"):
         encoder_fingerprint("text", f"hf:{folder}")
+
+
+def test_a_checkpoint_lacking_weights_its_hidden_states_need_is_refused_naming_them(tmp_path):
+    """transformers fills missing weights with random numbers and only warns; the vectors would
+    then be noise. A BERT saved from its masked-LM model (no pooler, which no hidden state goes
+    through) loads; the same checkpoint without one attention weight is refused."""
+    import transformers as hf
+    from safetensors.torch import load_file, save_file
+
+    folder = save_tiny_bert(tmp_path / "bert")
+    hf.BertForMaskedLM(hf.BertConfig.from_pretrained(folder)).save_pretrained(folder)  # a pretraining head, no pooler
+    assert build_text_encoder(f"hf:{folder}", device="cpu").encode(["the cat"]).shape == (1, HIDDEN)
+    weights = load_file(str(folder / "model.safetensors"))
+    dropped = next(key for key in weights if key.endswith("layer.1.attention.self.query.weight"))
+    save_file({key: value for key, value in weights.items() if key != dropped}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(EncoderSpecError, match=r"lacks 1 and has 0 mis-shaped weight\(s\).*layer\.1\.attention\.self"
+                                               r"\.query\.weight.*random features"):
+        build_text_encoder(f"hf:{folder}", device="cpu")

@@ -31,6 +31,9 @@ TEXT_MODEL_TYPES = frozenset({
     "t5", "mt5", "umt5",
 })
 
+# Weights no hidden state goes through: a pretraining or fine-tuning head's pooler (BERT-style
+# checkpoints saved from a masked-LM head lack it) and wav2vec2's mask embedding (pretraining only).
+_UNUSED_BY_HIDDEN_STATES = ("pooler.", "masked_spec_embed")
 # The files whose contents can change what a checkpoint outputs (weights, configs, vocabularies).
 _IDENTITY_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model", ".pt", ".pth", ".msgpack", ".h5", ".tiktoken")
 
@@ -99,6 +102,22 @@ class HFCheckpoint:
             raise EncoderSpecError(
                 f"encoder spec {str(spec)!r}: cannot load the {what} of {self.name!r}: {error}"
             ) from error
+
+    def load_weights(self, spec: EncoderSpec, auto_class: Any, **kwargs: Any) -> Any:
+        """The model, refused when the checkpoint lacks weights its hidden states are computed
+        with: transformers would fill those with random numbers and only warn, and every vector
+        would then be noise that still looks like features."""
+        model, info = self.load(spec, auto_class, "weights", output_loading_info=True, **kwargs)
+        missing = [key for key in info["missing_keys"] if not key.startswith(_UNUSED_BY_HIDDEN_STATES)]
+        wrong = [str(key[0] if isinstance(key, tuple) else key) for key in info.get("mismatched_keys", [])]
+        if missing or wrong:
+            shown = ", ".join((missing + wrong)[:3]) + (", ..." if len(missing) + len(wrong) > 3 else "")
+            raise EncoderSpecError(
+                f"encoder spec {str(spec)!r}: {self.name!r} lacks {len(missing)} and has {len(wrong)} mis-shaped "
+                f"weight(s) of the {type(model).__name__} it describes ({shown}); a partial or mismatched checkpoint "
+                "would give random features: check that the folder holds the whole model"
+            )
+        return model
 
     def modality(self, config: Any) -> str | None:
         """``"audio"``, ``"text"``, or None for model types this registry does not encode with."""

@@ -184,7 +184,7 @@ class TransformersSpeechEncoder(ChunkedSpeechEncoder):
 
         feature_extractor = checkpoint.load(spec, AutoFeatureExtractor, "feature extractor")
         settings = SpeechSettings.read(spec, options, checkpoint, config, feature_extractor)
-        model = checkpoint.load(spec, AutoModel, "weights", dtype=torch.float32)
+        model = checkpoint.load_weights(spec, AutoModel, dtype=torch.float32)
         return cls(spec, settings, cls.frozen_part(model), feature_extractor, options["batch_size"], device)
 
     @staticmethod

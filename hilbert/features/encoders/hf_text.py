@@ -123,7 +123,7 @@ class TransformerTextEncoder(TextEncoder):
 
         tokenizer = checkpoint.load(spec, AutoTokenizer, "tokenizer")
         settings = TextSettings.read(spec, options, checkpoint, config, tokenizer, recipe)
-        model = checkpoint.load(spec, encoder_class(config), "weights", dtype=torch.float32)
+        model = checkpoint.load_weights(spec, encoder_class(config), dtype=torch.float32)
         return cls(spec, settings, model, tokenizer, options["batch_size"], device)
 
     def fingerprint(self) -> dict:
