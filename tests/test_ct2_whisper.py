@@ -86,10 +86,13 @@ def test_ct2_vectors_equal_hf_vectors_of_the_same_weights(folders, segments, ct2
                                atol=1e-6)
 
 
-def test_ct2_segment_vector_does_not_depend_on_its_batch(ct2_encoder, segments):
-    together = ct2_encoder.encode(segments)
+def test_ct2_segment_vector_does_not_depend_on_its_batch(folders, ct2_encoder, segments):
+    assert ct2_encoder.batch_size == 1  # the CPU default: one window per call
+    batched = build_audio_encoder(f"ct2:{folders['ct2']}?batch_size=8", device="cpu")
+    together = batched.encode(segments)
     for index, segment in enumerate(segments):
-        np.testing.assert_allclose(together[index], ct2_encoder.encode([segment])[0], atol=1e-5)
+        np.testing.assert_allclose(together[index], batched.encode([segment])[0], atol=1e-5)
+    np.testing.assert_allclose(together, ct2_encoder.encode(segments), atol=1e-5)
 
 
 def test_ct2_encodes_empty_and_tiny_segments(ct2_encoder):

@@ -65,10 +65,11 @@ def test_tiny_en_extracts_finite_384_wide_vectors_for_a_demo_corpus(tiny_en_spec
     assert np.linalg.matrix_rank(stacked, tol=1e-3) > 1, "distinct segments must not share one vector"
 
 
-def test_tiny_en_segment_vector_does_not_depend_on_its_batch(encoder, corpus):
+def test_tiny_en_segment_vector_does_not_depend_on_its_batch(tiny_en_spec, corpus):
+    encoder = build_audio_encoder(f"{tiny_en_spec}?batch_size={SEGMENTS_PER_DOCUMENT}", device="cpu")
     doc = corpus.documents[0]
     segments = [(s.start, s.end) for s in doc.segments]
-    together = encode_document_audio(encoder, doc.audio_path, segments, doc.doc_id)
+    together = encode_document_audio(encoder, doc.audio_path, segments, doc.doc_id)  # one call, one batch
     for index, span in enumerate(segments):
         alone = encode_document_audio(encoder, doc.audio_path, [span], doc.doc_id)[0]
         assert cosine(alone, together[index]) > 0.99999
