@@ -95,7 +95,7 @@ import sys
 from hilbert.data.manifest import load_manifest
 from hilbert.features.extract import extract_features
 extract_features(load_manifest(sys.argv[1]), "logmel", "hashngram", sys.argv[2], num_actors=1,
-                 documents_per_batch=1, progress=False)
+                 documents_per_batch=1, progress=False, in_process=False)
 """
 
 
@@ -124,3 +124,31 @@ def test_killed_extraction_leaves_only_whole_entries_and_resumes(local_ray, tmp_
     report = extract_features(load_manifest(manifest_path), "logmel", "hashngram", cache, progress=False)
     assert report.reused["audio"] == len(written) and report.computed["audio"] == 40 - len(written)
     assert len(report.feature_set.documents) == 40
+
+
+SMALL_EXTRACTION = """
+import sys
+import ray
+from hilbert.data.manifest import load_manifest
+from hilbert.features.extract import extract_features
+report = extract_features(load_manifest(sys.argv[1]), "logmel", "hashngram", sys.argv[2], progress=False)
+print(report.computed["audio"], ray.is_initialized())
+"""
+
+
+def test_a_small_extraction_runs_in_process_and_equals_ray_datas(local_ray, tiny_corpus: Path, tmp_path: Path):
+    """A handful of documents is encoded without starting Ray (whose start-up would cost more
+    than the work), into exactly the entries Ray Data's actors write."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", SMALL_EXTRACTION, str(tiny_corpus), str(tmp_path / "in-process")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["4", "False"], done.stdout + done.stderr
+    manifest = load_manifest(tiny_corpus)
+    on_ray = extract_features(manifest, "logmel", "hashngram", tmp_path / "ray", progress=False, in_process=False)
+    in_process = extract_features(manifest, "logmel", "hashngram", tmp_path / "in-process", progress=False)
+    assert in_process.cache_hit and in_process.feature_set.documents == on_ray.feature_set.documents
+    for doc_id in on_ray.feature_set.documents:
+        expected = FeatureCache(tmp_path / "ray").load_document(on_ray.feature_set, doc_id)
+        found = FeatureCache(tmp_path / "in-process").load_document(in_process.feature_set, doc_id)
+        for a, b in zip(expected, found):
+            np.testing.assert_array_equal(a, b)

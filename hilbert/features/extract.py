@@ -46,6 +46,14 @@ from hilbert.features.encoders import (
 from hilbert.ray_runtime import connect
 
 
+# Up to this many segments left to encode (and no cluster named), extraction runs in the calling
+# process: starting Ray Data's actor pool (~30 s on 2 cores) costs more than encoding them. Set by
+# the slowest CPU encoder measured, Whisper tiny.en on CTranslate2 (every segment a 30 s window,
+# ~0.7 s each: even at this size); the weight-free ones would gain up to thousands of segments
+# (docs/benchmarks.md, benchmarks/small_jobs.py).
+IN_PROCESS_SEGMENTS = 64
+
+
 class ExtractionError(RuntimeError):
     """Encoding a document failed; the message names the document and the encoder."""
 
@@ -199,14 +207,18 @@ def extract_features(
     documents_per_batch: int = 4,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    in_process: bool | None = None,
 ) -> ExtractionReport:
     """Fill ``cache_dir`` (a folder, or a URI every node reads) with the features of every
     document of ``manifest``.
 
     Returns the report with the :class:`FeatureSet` that training reads. ``address`` is the Ray
-    cluster (None: an embedded local Ray, started only when something needs encoding). With
-    ``progress``, encoding reports documents done, audio seconds per second and an ETA through
-    ``log`` (:class:`ExtractionProgress`).
+    cluster (None: an embedded local Ray, started only when something needs encoding). What is
+    left to encode runs on Ray Data, or in this process when ``in_process`` says so; by default
+    in this process when no address is given and it is small (:data:`IN_PROCESS_SEGMENTS`):
+    starting Ray Data costs more than encoding a handful of documents. With ``progress``,
+    encoding reports documents done, audio seconds per second and an ETA through ``log``
+    (:class:`ExtractionProgress`).
     """
     started = time.perf_counter()
     cache = FeatureCache(cache_dir)
@@ -219,11 +231,15 @@ def extract_features(
     report = ExtractionReport(
         documents=len(manifest), segments=sum(len(d.segments) for d in manifest),
         audio_seconds=sum(s.duration for d in manifest for s in d.segments))
-    encode = functools.partial(_run_on_ray, specs=specs, cache=cache, address=address, num_actors=num_actors,
-                               cpus_per_actor=cpus_per_actor, use_gpu=use_gpu,
-                               documents_per_batch=documents_per_batch, progress=progress, log=log)
     with cache.referencing(keys, description=f"extraction of {manifest.path}") as reference:
         jobs = _missing_jobs(manifest, cache, keys)  # only now: from here on a prune keeps these keys
+        if _encodes_in_process(jobs, address, in_process):
+            encode = functools.partial(_run_in_process, specs=specs, cache=cache, cpus=cpus_per_actor, use_gpu=use_gpu,
+                                       documents_per_batch=documents_per_batch, progress=progress, log=log)
+        else:
+            encode = functools.partial(_run_on_ray, specs=specs, cache=cache, address=address, num_actors=num_actors,
+                                       cpus_per_actor=cpus_per_actor, use_gpu=use_gpu,
+                                       documents_per_batch=documents_per_batch, progress=progress, log=log)
         for modality in MODALITIES:
             report.computed[modality] = sum(1 for job in jobs if getattr(job, f"{modality}_key"))
             report.reused[modality] = len(manifest) - report.computed[modality]
@@ -350,6 +366,36 @@ class EncodeAndStore:
             segments.append(len(job.spans))
             audio_seconds.append(job.audio_seconds)
         return {"doc_id": np.array(doc_ids), "segments": np.array(segments), "audio_seconds": np.array(audio_seconds)}
+
+
+def _encodes_in_process(jobs: list[_Job], address: str | None, in_process: bool | None) -> bool:
+    if in_process is not None:
+        return in_process
+    if address not in (None, "", "local"):
+        return False  # a cluster was named: its nodes encode
+    return sum(len(job.spans) for job in jobs) <= IN_PROCESS_SEGMENTS
+
+
+def _run_in_process(jobs: list[_Job], specs: dict[str, str], cache: FeatureCache, *, cpus: float,
+                    use_gpu: bool | None, documents_per_batch: int, progress: bool,
+                    log: Callable[[str], None] = print, keep_alive: Callable[[], None] = lambda: None) -> None:
+    """What the Ray Data actors do (:class:`EncodeAndStore`), in this process, batch by batch."""
+    import torch
+
+    device = "cuda" if (torch.cuda.is_available() if use_gpu is None else use_gpu) else "cpu"
+    threads = torch.get_num_threads()
+    tracker = ExtractionProgress(jobs, log) if progress else None
+    try:
+        worker = EncodeAndStore(specs, cache.location, device, max(1, int(cpus)))
+        for start in range(0, len(jobs), documents_per_batch):
+            done = worker({"job": np.array([job.to_json() for job in jobs[start:start + documents_per_batch]])})
+            keep_alive()
+            if tracker is not None:
+                tracker.add(len(done["doc_id"]), float(np.sum(done["audio_seconds"])))
+    except Exception as error:  # the same message as from the actors: it names the document
+        raise ExtractionError(f"extraction with {specs['audio']!r} / {specs['text']!r} failed: {error}") from error
+    finally:
+        torch.set_num_threads(threads)  # the worker set its own count for this process
 
 
 def _run_on_ray(jobs: list[_Job], specs: dict[str, str], cache: FeatureCache, *, address: str | None,
