@@ -85,14 +85,20 @@ def features_for(predictor: Predictor, manifest: Manifest, cache_dir: str | Path
                               address=address, progress=False)
     feature_set = report.feature_set
     assert feature_set is not None
-    for modality in ("audio", "text"):
+    check_encoders(predictor, {m: getattr(feature_set, f"{m}_fingerprint") for m in ("audio", "text")})
+    return feature_set
+
+
+def check_encoders(predictor: Predictor, fingerprints: dict[str, Any]) -> None:
+    """Refuse features whose encoders (``modality -> fingerprint`` now) are not the ones the
+    model was trained with."""
+    described = predictor.info.features
+    for modality, now in fingerprints.items():
         trained = described.get(f"{modality}_fingerprint")
-        now = getattr(feature_set, f"{modality}_fingerprint")
         if trained and trained != now:
             raise ModelLocationError(
                 f"the {modality} encoder {described[f'{modality}_encoder']!r} is not the one the model was trained "
                 f"with (fingerprint changed: {json.dumps(trained)[:120]} -> {json.dumps(now)[:120]})")
-    return feature_set
 
 
 def _dataset(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, feature_set: FeatureSet,
@@ -111,14 +117,24 @@ def _predict_with_every_model(predictor: Predictor, manifest: Manifest, cache_di
     """Each model's outputs (probabilities, embeddings, gates) over the corpus, in model order."""
     feature_set = features_for(predictor, manifest, cache_dir, address=address)
     dataset = _dataset(predictor, manifest, cache_dir, feature_set, with_labels)
-    # Each model on the device it was loaded to (load_predictor(location, device)).
-    return dataset, [predict_documents(model, dataset, next(model.parameters()).device)
-                     for model, _ in predictor.models]
+    return dataset, every_model_outputs(predictor, dataset)
+
+
+def every_model_outputs(predictor: Predictor, dataset: DocumentFeatures) -> list[dict[str, np.ndarray]]:
+    """Each model's outputs over ``dataset``, in model order, each on the device it was loaded to
+    (``load_predictor(location, device)``)."""
+    return [predict_documents(model, dataset, next(model.parameters()).device) for model, _ in predictor.models]
 
 
 def _mean_probabilities(predictor: Predictor, outputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {task: np.mean([output[f"probabilities/{task}"] for output in outputs], axis=0)
             for task in predictor.label_maps.tasks}
+
+
+def mean_probabilities(predictor: Predictor, dataset: DocumentFeatures) -> dict[str, np.ndarray]:
+    """Class probabilities per task [documents, classes] over ``dataset``, averaged over the fold
+    models: what ``hilbert predict`` writes, for features that are already at hand."""
+    return _mean_probabilities(predictor, every_model_outputs(predictor, dataset))
 
 
 def predict_probabilities(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, *,
@@ -169,6 +185,16 @@ def embeddings_table(predictor: Predictor, manifest: Manifest, cache_dir: str | 
     """Per document: audio, text and joint embeddings and the segment pooling weights."""
     feature_set = features_for(predictor, manifest, cache_dir, address=address)
     dataset = _dataset(predictor, manifest, cache_dir, feature_set, with_labels=False)
+    return pa.table(embedding_rows(predictor, dataset))
+
+
+EMBEDDING_COLUMNS = ("audio_embedding", "text_embedding", "joint_embedding", "audio_pooling", "text_pooling",
+                     "joint_pooling")
+
+
+def embedding_rows(predictor: Predictor, dataset: DocumentFeatures) -> dict[str, list]:
+    """Columns doc_id, segments and :data:`EMBEDDING_COLUMNS` (lists of floats, None where the
+    model has no such output) of ``dataset``'s documents, from the best fold model."""
     model, _ = predictor.best_model()
     rows: dict[str, list] = {"doc_id": [], "segments": []}
     with torch.no_grad():
@@ -179,8 +205,7 @@ def embeddings_table(predictor: Predictor, manifest: Manifest, cache_dir: str | 
             output = model.embed(audio, text, torch.ones(1, audio.shape[1], dtype=torch.bool))
             rows["doc_id"].append(dataset.doc_ids[index])
             rows["segments"].append(int(audio.shape[1]))
-            for name in ("audio_embedding", "text_embedding", "joint_embedding", "audio_pooling", "text_pooling",
-                         "joint_pooling"):
+            for name in EMBEDDING_COLUMNS:
                 value = getattr(output, name, None)
                 rows.setdefault(name, []).append(None if value is None else value[0].float().numpy().tolist())
-    return pa.table(rows)
+    return rows
