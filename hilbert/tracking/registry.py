@@ -1,12 +1,16 @@
 """The MLflow model registry for hilbert checkpoints: register, resolve, promote by alias.
 
-A registered version is a plain folder of run artifacts, ``<run>/model/``: the inference half
-of a checkpoint (``model.safetensors`` + ``checkpoint.json``, per fold for a fold folder) and a
-``signature.json`` that says what goes in and comes out. No pickle, no MLflow model flavour:
-MLflow 3's ``mlflow.register_model("runs:/...")`` wants a logged model, but
-``MlflowClient.create_model_version(name, source=<run artifact URI>/model, run_id=...)`` registers
-any artifact folder, and ``hilbert.predict.load_predictor`` opens what :func:`resolve_model`
-downloads without hilbert or MLflow state from the process that registered it.
+A registered version is a folder of run artifacts, ``<run>/model/``: the inference half of a
+checkpoint (``model.safetensors`` + ``checkpoint.json``, per fold for a fold folder), a
+``signature.json`` that says what goes in and comes out, and beside them an MLflow
+``python_function`` model written as *models from code* (``MLmodel``, ``pyfunc_model.py``, the
+environment files and an input example: :mod:`hilbert.serving.pyfunc`). No pickle: the weights
+stay safetensors + JSON, and the same folder opens with ``hilbert.predict.load_predictor``,
+``mlflow.pyfunc.load_model("models:/NAME@alias")`` and ``mlflow models serve``.
+``MlflowClient.create_model_version(name, source=<run artifact URI>/model, run_id=...)``
+registers it; MLflow resolves such a version to that folder. Versions registered before the
+flavour existed hold no ``MLmodel``: ``hilbert predict`` still opens them, and
+:func:`add_pyfunc_flavour` (``hilbert add-pyfunc``) writes the flavour beside their files.
 
 Stages are deprecated since MLflow 2.9; versions move through aliases instead: a new version
 becomes the ``challenger``, and :func:`promote` moves ``champion`` to it only when it scores
@@ -32,6 +36,7 @@ import mlflow.artifacts  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
+from hilbert.serving.pyfunc import write_pyfunc_files  # noqa: E402
 from hilbert.tracking.names import to_json  # noqa: E402
 from hilbert.train.checkpoint import CheckpointInfo, load_info  # noqa: E402
 
@@ -94,20 +99,24 @@ def signature(info: CheckpointInfo, folds: int) -> dict[str, Any]:
         },
         "folds": folds,
         "ensemble": "class probabilities averaged over folds; embeddings from the best fold" if folds > 1 else None,
-        "load_with": "hilbert.predict.load_predictor(<downloaded folder>)",
+        "load_with": "hilbert.predict.load_predictor(<downloaded folder>), or mlflow.pyfunc.load_model(<model URI>)",
     }
 
 
-def stage_model(checkpoint_dir: str | Path, destination: Path) -> dict[str, Any]:
-    """Copy the inference files of a checkpoint (or folds) and write ``signature.json``."""
+def stage_model(checkpoint_dir: str | Path, destination: Path, *, pyfunc: bool = True) -> dict[str, Any]:
+    """Copy the inference files of a checkpoint (or folds), write ``signature.json`` and (with
+    ``pyfunc``) the MLflow ``python_function`` flavour beside them."""
     folders = checkpoint_folders(checkpoint_dir)
     for relative, source in folders.items():
         target = destination / relative
         target.mkdir(parents=True, exist_ok=True)
         for name in INFERENCE_FILES:
             shutil.copy2(source / name, target / name)
-    described = signature(load_info(next(iter(folders.values()))), len(folders))
+    info = load_info(next(iter(folders.values())))
+    described = signature(info, len(folders))
     (destination / "signature.json").write_text(to_json(described, indent=1) + "\n", encoding="utf-8")
+    if pyfunc:
+        write_pyfunc_files(destination, info, len(folders))
     return described
 
 
@@ -154,6 +163,31 @@ def register_checkpoint(run_id: str, checkpoint_dir: str | Path, model_name: str
     version of ``model_name`` (created if missing), point ``alias`` at it; returns the version."""
     log_model(run_id, checkpoint_dir, tracking_uri=tracking_uri)
     return register_logged_model(run_id, model_name, alias, description, tracking_uri=tracking_uri)
+
+
+def add_pyfunc_flavour(uri: str, *, tracking_uri: str | None = None) -> list[str]:
+    """Make a version registered before the pyfunc flavour existed (``models:/NAME/<version>``
+    or ``models:/NAME@alias``) loadable by ``mlflow.pyfunc.load_model`` and ``mlflow models
+    serve``: write the flavour's files beside its checkpoints in the run's ``model/`` folder
+    that the version's source names (the checkpoints are not touched). Returns the files added;
+    none when the version has the flavour already."""
+    store, client = registry_client(tracking_uri)
+    name, version = model_version(client, uri)
+    found = client.get_model_version(name, version)
+    run_folder = f"{client.get_run(found.run_id).info.artifact_uri}/{MODEL_FOLDER}" if found.run_id else None
+    if found.source.rstrip("/") != run_folder:
+        raise RegistryError(f"{uri}: version {version} of {name!r} does not come from a run's {MODEL_FOLDER}/ folder "
+                            f"(source {found.source}): register its checkpoint again with register_checkpoint")
+    with tempfile.TemporaryDirectory(prefix="hilbert-pyfunc-") as folder:
+        downloaded = resolve_model(f"models:/{name}/{version}", Path(folder) / "model", tracking_uri=store)
+        if (downloaded / "MLmodel").is_file():
+            return []
+        folders = checkpoint_folders(downloaded)
+        written = write_pyfunc_files(downloaded, load_info(next(iter(folders.values()))), len(folders))
+        for file_name in written:  # only what is new: the checkpoints the version was registered with stay
+            client.log_artifact(found.run_id, str(downloaded / file_name), MODEL_FOLDER)
+    client.set_model_version_tag(name, version, "pyfunc", "added")
+    return written
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
