@@ -579,6 +579,21 @@ def print_promotion(decision) -> None:
     console.print(f"{decision.model_name} version {decision.challenger_version}: {verdict} — {decision.reason}")
 
 
+@app.command("add-pyfunc")
+def add_pyfunc(
+    model: str = typer.Argument(..., help="A registered version: `models:/NAME/3` or `models:/NAME@champion`."),
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Make a version registered before hilbert wrote MLflow's pyfunc flavour loadable by
+    `mlflow.pyfunc.load_model` and `mlflow models serve`: its files are written beside its
+    checkpoints (which stay as they are)."""
+    from hilbert.tracking.registry import RegistryError, add_pyfunc_flavour
+
+    with _refusing(RegistryError):
+        added = add_pyfunc_flavour(model, tracking_uri=_tracking_uri(tracking_uri))
+    console.print(f"{model}: added {', '.join(added)}" if added else f"{model} has the pyfunc flavour already")
+
+
 # ---------------------------------------------------------------------------------------------
 # Feature cache housekeeping
 

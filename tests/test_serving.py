@@ -24,8 +24,10 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
+from typer.testing import CliRunner
 
 from conftest import document, extract_in_process, write_manifest, write_tone
+from hilbert.cli import app
 from hilbert.data.manifest import load_manifest
 from hilbert.features.batches import LabelMaps
 from hilbert.features.encoders import encoder_fingerprint
@@ -189,8 +191,8 @@ def test_version_registered_before_the_flavour_loads_with_hilbert_predict_and_ga
     expected = hilbert_predict(store, uri, corpus, tmp_path)  # hilbert predict opens it as before
     with pytest.raises(MlflowException, match="MLmodel"):
         mlflow.pyfunc.load_model(uri)
-    added = add_pyfunc_flavour("models:/older@challenger", tracking_uri=store)
-    assert "MLmodel" in added and "pyfunc_model.py" in added
+    added = CliRunner().invoke(app, ["add-pyfunc", "models:/older@challenger", "--tracking-uri", store])
+    assert added.exit_code == 0 and "added MLmodel" in added.output and "pyfunc_model.py" in added.output, added.output
     assert add_pyfunc_flavour(uri, tracking_uri=store) == []  # once is enough
     assert_same_answers(mlflow.pyfunc.load_model(uri).predict(pd.DataFrame(request_rows(corpus))), expected)
     assert mlflow_client(store).get_model_version("older", version).tags["pyfunc"] == "added"
