@@ -9,7 +9,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -373,14 +373,22 @@ def _tracking_uri(explicit: Optional[str]) -> str:
     return resolve_tracking_uri(explicit, Path("runs"))
 
 
+# The parameters evaluate, predict and embed share.
+ModelArgument = Annotated[str, typer.Argument(help=MODEL_HELP)]
+CacheOption = Annotated[str, typer.Option(help="Feature cache folder, or URI (s3://bucket/cache...).")]
+ExtractionAddress = Annotated[Optional[str], typer.Option(help="Ray cluster address for extraction; default: "
+                                                               "in this process, or a local Ray for large jobs.")]
+TrackingOption = Annotated[Optional[str], typer.Option(help=TRACKING_HELP)]
+
+
 @app.command()
 def evaluate(
-    model: str = typer.Argument(..., help=MODEL_HELP),
+    model: ModelArgument,
     manifest: Path = typer.Argument(..., help="Labelled manifest to evaluate on (features extracted through the cache)."),
-    cache: str = typer.Option("cache", help="Feature cache folder, or URI (s3://bucket/cache...)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
+    cache: CacheOption = "cache",
+    address: ExtractionAddress = None,
     output: Optional[Path] = typer.Option(None, help="Also write the metrics as JSON here."),
-    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    tracking_uri: TrackingOption = None,
 ) -> None:
     """Per-task AUC, balanced accuracy and macro F1 of a trained model on a labelled corpus."""
     from hilbert.features.batches import UnknownLabelError
@@ -404,12 +412,12 @@ def evaluate(
 
 @app.command()
 def predict(
-    model: str = typer.Argument(..., help=MODEL_HELP),
+    model: ModelArgument,
     manifest: Path = typer.Argument(..., help="Manifest of the documents to predict (labels not needed)."),
     out: Path = typer.Argument(..., help="Parquet file: doc_id, predicted class and class probabilities per task."),
-    cache: str = typer.Option("cache", help="Feature cache folder, or URI (s3://bucket/cache...)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
-    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    cache: CacheOption = "cache",
+    address: ExtractionAddress = None,
+    tracking_uri: TrackingOption = None,
 ) -> None:
     """Predict every task for new documents (fold models are averaged)."""
     from hilbert.predict import write_predictions
@@ -422,12 +430,12 @@ def predict(
 
 @app.command()
 def embed(
-    model: str = typer.Argument(..., help=MODEL_HELP),
+    model: ModelArgument,
     manifest: Path = typer.Argument(..., help="Manifest of the documents to embed (labels not needed)."),
     out: Path = typer.Argument(..., help="Parquet file: audio, text and joint embeddings and segment pooling weights."),
-    cache: str = typer.Option("cache", help="Feature cache folder, or URI (s3://bucket/cache...)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
-    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    cache: CacheOption = "cache",
+    address: ExtractionAddress = None,
+    tracking_uri: TrackingOption = None,
 ) -> None:
     """Document embeddings and which segments mattered (pooling weights), one row per document."""
     from hilbert.predict import embeddings_table
@@ -535,7 +543,7 @@ def _param(text: str) -> str:
 @app.command()
 def runs(
     sweep_name: Optional[str] = typer.Argument(None, help="Sweep (its parent run's name); default: the latest."),
-    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    tracking_uri: TrackingOption = None,
     experiment: Optional[str] = typer.Option(None, help="MLflow experiment; default: every experiment."),
     limit: int = typer.Option(20, help="Rows to show."),
 ) -> None:
@@ -559,7 +567,7 @@ def promote(
                                             "(mean macro AUC over tasks)."),
     cache: str = typer.Option("cache", help="Feature cache folder, or URI (s3://bucket/cache...)."),
     force: bool = typer.Option(False, help="Move `champion` to the challenger even if it scores lower."),
-    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    tracking_uri: TrackingOption = None,
     address: Optional[str] = typer.Option(None, help="Ray cluster address for extraction; default: local."),
 ) -> None:
     """Compare the `challenger` with the `champion` on held-out documents; move `champion` when
