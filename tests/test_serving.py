@@ -157,6 +157,18 @@ def test_champion_loads_with_mlflow_pyfunc_and_predicts_what_hilbert_predict_doe
     assert "joint_embedding" not in served
 
 
+def test_served_features_go_through_a_cache_when_one_is_configured(tmp_path, corpus, champion, global_store):
+    rows = pd.DataFrame(request_rows(corpus))
+    uncached = mlflow.pyfunc.load_model(champion).predict(rows)
+    cached = mlflow.pyfunc.load_model(champion, model_config={"cache_dir": str(tmp_path / "cache")})
+    first = cached.predict(rows)
+    entries = sorted(p.name for p in (tmp_path / "cache" / "entries").rglob("*.safetensors"))
+    assert len(entries) == 2 * len(rows)  # audio and text of every document
+    assert_same_answers(first, uncached)
+    assert_same_answers(cached.predict(rows), uncached)  # read back from the cache
+    assert sorted(p.name for p in (tmp_path / "cache" / "entries").rglob("*.safetensors")) == entries
+
+
 def test_served_model_refuses_bad_documents_naming_document_and_field(tmp_path, corpus, champion, global_store):
     model = mlflow.pyfunc.load_model(champion)
     good = request_rows(corpus)[0]
@@ -239,7 +251,8 @@ def test_mlflow_models_serve_answers_like_hilbert_predict_and_refuses_bad_reques
     port, log = free_port(), tmp_path / "serve.log"
     scripts = Path(sys.executable).parent  # mlflow starts `uvicorn` from PATH: the environment's, as when activated
     environment = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_DISABLE_TELEMETRY": "true",
-                   "OMP_NUM_THREADS": "1", "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"}
+                   "OMP_NUM_THREADS": "1", "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}",
+                   "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps({"cache_dir": str(tmp_path / "served-cache")})}
     command = [str(scripts / "mlflow"), "models", "serve", "-m", champion, "--env-manager",
                "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with log.open("w") as output:
@@ -254,6 +267,7 @@ def test_mlflow_models_serve_answers_like_hilbert_predict_and_refuses_bad_reques
             assert_same_answers(pd.DataFrame(answer["predictions"]), expected)
         status, answer = post(port, {"dataframe_records": rows[:1], "params": {"embeddings": True}})
         assert status == 200 and len(answer["predictions"][0]["joint_embedding"]) == CONFIG.d_embed
+        assert len(list((tmp_path / "served-cache" / "entries").rglob("*.safetensors"))) == 2 * len(rows)
 
         good = rows[0]
         bad = {

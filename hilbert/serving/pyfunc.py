@@ -51,7 +51,9 @@ from hilbert.train.checkpoint import CheckpointInfo  # noqa: E402
 CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
 CHECKPOINTS = "checkpoints"  # the artifact: the model folder itself
 EMBEDDINGS_PARAM = "embeddings"
-CACHE_ENV = "HILBERT_SERVING_CACHE"  # a feature cache for `mlflow models serve`, which takes no model_config
+# What load_model(uri, model_config={...}) or $MLFLOW_PYFUNC_INFERENCE_CONFIG (JSON; for `mlflow
+# models serve`) may set: MLflow passes on only keys the logged model_config already holds.
+MODEL_CONFIG = {"cache_dir": None, "device": "cpu", "audio_root": None}
 INPUT_EXAMPLE = [{"doc_id": "d0001", "audio": "audio/d0001.wav",
                   "segments": [{"start": 0.0, "end": 2.31, "text": "so how was the week"},
                                {"start": 2.6, "end": 5.0, "text": ""}]}]
@@ -60,8 +62,9 @@ INPUT_EXAMPLE = [{"doc_id": "d0001", "audio": "audio/d0001.wav",
 class HilbertPythonModel(mlflow.pyfunc.PythonModel):
     """The fold models of the artifact ``checkpoints``; predicts documents (rows) in-process.
 
-    ``model_config`` (``mlflow.pyfunc.load_model(uri, model_config={...})``): ``cache_dir`` (a
-    feature cache; default ``$HILBERT_SERVING_CACHE``, else none: features in memory),
+    ``model_config`` (:data:`MODEL_CONFIG`; ``mlflow.pyfunc.load_model(uri, model_config={...})``,
+    or for ``mlflow models serve`` ``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"cache_dir": "cache"}'``):
+    ``cache_dir`` (a feature cache; default none: features in memory for the request only),
     ``device`` (default ``cpu``), ``audio_root`` (what relative audio paths are relative to;
     default the working directory).
     """
@@ -69,12 +72,11 @@ class HilbertPythonModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from hilbert.serving.served import ServedModel  # torch and the encoders: only when loading
 
-        config = dict(context.model_config or {})
-        self.audio_root = config.get("audio_root")
+        config = {**MODEL_CONFIG, **(context.model_config or {})}
+        self.audio_root = config["audio_root"] or None
         try:
-            self.served = ServedModel(context.artifacts[CHECKPOINTS],
-                                      cache_dir=config.get("cache_dir") or os.environ.get(CACHE_ENV) or None,
-                                      device=config.get("device", "cpu"))
+            self.served = ServedModel(context.artifacts[CHECKPOINTS], cache_dir=config["cache_dir"] or None,
+                                      device=config["device"] or "cpu")
         except ModelLocationError as error:
             raise MlflowException(f"cannot serve this hilbert model: {error}") from error
 
@@ -126,7 +128,7 @@ def write_pyfunc_files(destination: str | Path, info: CheckpointInfo, folds: int
         mlflow.pyfunc.save_model(
             path=str(saved), python_model=str(CODE_FILE), signature=model_signature(info),
             input_example=pd.DataFrame(INPUT_EXAMPLE), pip_requirements=[f"hilbert=={__version__}"],
-            metadata=_metadata(info, folds))
+            model_config=MODEL_CONFIG, metadata=_metadata(info, folds))
         written = sorted(p.name for p in saved.iterdir())
         destination.mkdir(parents=True, exist_ok=True)
         for name in written:
