@@ -43,10 +43,12 @@ def test_durations_read_like_a_clock(seconds, text):
 
 
 @pytest.mark.slow
-def test_extraction_logs_documents_audio_rate_and_eta_while_encoding(local_ray, tiny_corpus: Path, tmp_path: Path):
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "ray-data"])
+def test_extraction_logs_documents_audio_rate_and_eta_while_encoding(local_ray, tiny_corpus: Path, tmp_path: Path,
+                                                                     in_process: bool):
     lines: list[str] = []
     extract_features(load_manifest(tiny_corpus), "logmel", "hashngram", tmp_path / "cache", documents_per_batch=1,
-                     num_actors=1, log=lines.append)
+                     num_actors=1, log=lines.append, in_process=in_process)
     progress = [LINE.fullmatch(line) for line in lines if line.startswith("encoding:")]
     assert progress and all(progress), lines
     first, last = progress[0], progress[-1]
