@@ -379,6 +379,13 @@ CacheOption = Annotated[str, typer.Option(help="Feature cache folder, or URI (s3
 ExtractionAddress = Annotated[Optional[str], typer.Option(help="Ray cluster address for extraction; default: "
                                                                "in this process, or a local Ray for large jobs.")]
 TrackingOption = Annotated[Optional[str], typer.Option(help=TRACKING_HELP)]
+BatchAddress = Annotated[Optional[str], typer.Option(
+    help="Ray cluster address (`auto`, `ray://head:10001`, or `local` for a Ray on this machine): features are "
+         "extracted and documents answered by Ray Data actors that hold the model; default: in this process "
+         "(extraction on a local Ray when it is large).")]
+ActorsOption = Annotated[Optional[int], typer.Option(
+    help="With --address: how many actors hold the model (default: one per GPU, else one per CPU).")]
+BatchOption = Annotated[int, typer.Option(help="With --address: documents per actor batch.")]
 
 
 @app.command()
@@ -416,7 +423,9 @@ def predict(
     manifest: Path = typer.Argument(..., help="Manifest of the documents to predict (labels not needed)."),
     out: Path = typer.Argument(..., help="Parquet file: doc_id, predicted class and class probabilities per task."),
     cache: CacheOption = "cache",
-    address: ExtractionAddress = None,
+    address: BatchAddress = None,
+    actors: ActorsOption = None,
+    documents_per_batch: BatchOption = 64,
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Predict every task for new documents (fold models are averaged)."""
@@ -424,7 +433,10 @@ def predict(
 
     corpus = _exit_on_bad_manifest(manifest)
     with _model(model, tracking_uri) as predictor, _refusing(FileNotFoundError):
-        write_predictions(predictor, corpus, cache, out, address=address)
+        if address:
+            _batch_inference("predict", predictor, corpus, cache, out, address, actors, documents_per_batch)
+        else:
+            write_predictions(predictor, corpus, cache, out)
     console.print(f"predictions for {len(corpus)} documents written to {out}")
 
 
@@ -434,7 +446,9 @@ def embed(
     manifest: Path = typer.Argument(..., help="Manifest of the documents to embed (labels not needed)."),
     out: Path = typer.Argument(..., help="Parquet file: audio, text and joint embeddings and segment pooling weights."),
     cache: CacheOption = "cache",
-    address: ExtractionAddress = None,
+    address: BatchAddress = None,
+    actors: ActorsOption = None,
+    documents_per_batch: BatchOption = 64,
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Document embeddings and which segments mattered (pooling weights), one row per document."""
@@ -443,9 +457,23 @@ def embed(
 
     corpus = _exit_on_bad_manifest(manifest)
     with _model(model, tracking_uri) as predictor, _refusing(FileNotFoundError):
-        table = embeddings_table(predictor, corpus, cache, address=address)
-    write_parquet(table, out)
+        if address:
+            _batch_inference("embed", predictor, corpus, cache, out, address, actors, documents_per_batch)
+        else:
+            write_parquet(embeddings_table(predictor, corpus, cache), out)
     console.print(f"embeddings of {len(corpus)} documents written to {out}")
+
+
+def _batch_inference(kind: str, predictor, corpus, cache: str, out: Path, address: str, actors: Optional[int],
+                     documents_per_batch: int) -> None:
+    from hilbert.batch_inference import BatchInferenceError, run_batch_inference
+    from hilbert.features.extract import ExtractionError
+
+    with _refusing(BatchInferenceError, ExtractionError):
+        report = run_batch_inference(kind, predictor, corpus, cache, out, address=address, actors=actors,
+                                     documents_per_batch=documents_per_batch, log=console.print)
+    console.print(f"{report.documents} documents in {report.seconds:.1f} s on {report.actors} actor(s) "
+                  f"({report.documents_per_second:.1f} docs/s; extraction {report.extraction_seconds:.1f} s)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -164,7 +164,12 @@ def evaluate_corpus(predictor: Predictor, manifest: Manifest, cache_dir: str | P
 
 def predictions_table(manifest: Manifest, label_maps: LabelMaps, probabilities: dict[str, np.ndarray]) -> pa.Table:
     """doc_id, then per task the predicted class and one probability column per class."""
-    columns: dict[str, Any] = {"doc_id": [d.doc_id for d in manifest]}
+    return probability_columns([d.doc_id for d in manifest], label_maps, probabilities)
+
+
+def probability_columns(doc_ids: list[str], label_maps: LabelMaps, probabilities: dict[str, np.ndarray]) -> pa.Table:
+    """:func:`predictions_table` of the documents ``doc_ids`` (rows of ``probabilities``)."""
+    columns: dict[str, Any] = {"doc_id": list(doc_ids)}
     for task, classes in label_maps.classes.items():
         columns[f"{task}"] = [classes[i] for i in probabilities[task].argmax(axis=1)]
         for index, name in enumerate(classes):
