@@ -40,6 +40,7 @@ from hilbert.ray_runtime import connect
 
 KINDS = ("predict", "embed")
 PROGRESS_SECONDS = 10.0
+ACTOR_START_SECONDS = 600  # a GPU node the autoscaler must start first can take minutes
 
 
 class BatchInferenceError(RuntimeError):
@@ -133,6 +134,9 @@ def run_batch_inference(kind: str, predictor: Predictor, manifest: Manifest, cac
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     context.execution_options.preserve_order = True  # the rows of `out` in manifest order, as in one process
+    # Every actor of the pool placed before the first batch: a pool the cluster cannot hold fails
+    # with a message instead of waiting forever, and the work is spread over all of it.
+    context.wait_for_min_actors_s = ACTOR_START_SECONDS
     header = {key: value for key, value in to_dict(feature_set).items() if key != "documents"}
     rows = [{"doc_id": doc.doc_id, "entry": json.dumps(feature_set.documents[doc.doc_id])} for doc in manifest]
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(batches, actors * 4)))
@@ -152,6 +156,10 @@ def run_batch_inference(kind: str, predictor: Predictor, manifest: Manifest, cac
     try:
         written = _stream_to_parquet(answers.iter_batches(batch_size=None, batch_format="pyarrow"), out,
                                      len(manifest), kind, log)
+    except ray.exceptions.GetTimeoutError as error:
+        raise BatchInferenceError(
+            f"{kind}: the cluster did not start {actors} model actor(s) of {cpus_per_actor} CPU"
+            f"{' and 1 GPU' if use_gpu else ''} each in {ACTOR_START_SECONDS} s; ask for fewer (--actors)") from error
     except Exception as error:  # Ray wraps the actor's exception; keep its message, which names the doc
         raise BatchInferenceError(f"{kind} on Ray Data failed: {error.__cause__ or error}") from error
     if written != len(manifest):

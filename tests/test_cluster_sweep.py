@@ -1,18 +1,21 @@
-"""A sweep on a real two-node Ray cluster on this machine, submitted as users do it on a cluster.
+"""Jobs on a real two-node Ray cluster on this machine, submitted as users do it on a cluster.
 
-The test starts, on 127.0.0.1 only: an MLflow tracking server (``mlflow server``), a Ray head
-(``ray start --head``, 1 CPU) and a second node joining it with its own CPU (see
-``loopback_ray_node.py``), all with token authentication. It submits ``hilbert sweep --address
-auto`` with ``ray job submit --working-dir``, as ``clusters/README.md`` tells users to; the driver
-runs on the head, extracts features with Ray Data and logs over HTTP. When a trial on the second
-node has trained an epoch, the test SIGKILLs that node (its raylet, agents and workers). The sweep
-must finish on the head: the lost trial retried from its last checkpointed epoch, every trial
-FINISHED in MLflow, nothing left RUNNING, the best one registered. Where the trials ran is read
-from Ray's State API. Everything the test started is killed at the end, pass or fail.
+One Ray head (``ray start --head``, 1 CPU, token authentication, 127.0.0.1 only) serves the
+module; each test joins a second node of its own (see ``loopback_ray_node.py``) and loses it:
 
-A second cluster's second node runs another MLflow (a distribution of another version first on
-its path, as a stale install would be): `hilbert sweep` and `hilbert train` submitted to it must
-refuse before the first trial, naming the package and both versions.
+- A second node runs another MLflow (a distribution of another version first on its path, as a
+  stale install would be): `hilbert sweep` and `hilbert train` submitted to it must refuse before
+  the first trial, naming the package and both versions.
+- `hilbert predict --address auto` submitted with ``ray job submit --working-dir`` runs one
+  model actor on each node, and writes the rows of the single-process path.
+- `hilbert sweep --address auto` submitted the same way, as ``clusters/README.md`` tells users to,
+  with an MLflow tracking server (``mlflow server``) on 127.0.0.1: the driver runs on the head,
+  logs over HTTP. When a trial on the second node has trained an epoch, the test SIGKILLs that
+  node (its raylet, agents and workers). The sweep must finish on the head: the lost trial retried
+  from its last checkpointed epoch, every trial FINISHED in MLflow, nothing left RUNNING, the best
+  one registered. Where the trials ran is read from Ray's State API.
+
+Everything the tests started is killed at the end, pass or fail.
 """
 
 from __future__ import annotations
@@ -31,12 +34,18 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
+from conftest import extract_in_process
 from hilbert.data.demo import write_demo_corpus
+from hilbert.data.manifest import load_manifest
+from hilbert.predict import load_predictor, predict_probabilities, predictions_table
 from hilbert.tracking.runs import FINISHED, PARENT_TAG, ROLE_TAG, RUNNING, TRIAL_ID_TAG
 from sessions import kill_session
+from test_batch_inference import AUDIO as BATCH_AUDIO, TEXT as BATCH_TEXT, fold_checkpoints, write_corpus
 from test_sweep import (REPOSITORY, HILBERT, assert_challenger_is, best_finished, free_port, objective_history,
                         write_sweep)
 
@@ -48,14 +57,18 @@ TRIALS = 3
 
 @dataclass
 class Cluster:
+    """A head node, shared by this module's tests; each test joins the second node it needs
+    (:meth:`join`) and the node is gone again when the test ends."""
+
     env: dict[str, str]  # what every process of the cluster and every client of it runs with
     gcs_address: str
     dashboard: str  # http://127.0.0.1:PORT: jobs and the State API
     head: subprocess.Popen
-    second: subprocess.Popen
-    second_node_id: str
     head_node_id: str
     logs: Path
+    stack: ExitStack
+    second: subprocess.Popen | None = None
+    second_node_id: str = ""
 
     def ray(self, *args: str, timeout: float = 120) -> str:
         """A ``ray`` CLI command against this cluster; returns its stdout."""
@@ -70,6 +83,42 @@ class Cluster:
         output = self.ray("list", kind, "--address", self.dashboard, "--detail", "--format", "json",
                           "--limit", "10000", *options)
         return state_rows(output)
+
+    def join(self, second_env: dict[str, str] | None = None) -> str:
+        """Start a second node (running with ``second_env`` over the cluster's environment) and
+        wait until the head lists it alive; returns its node id."""
+        assert self.second is None, "one second node at a time"
+        # `ray start` gives a node 30 s (fixed in Ray) to register; on 2 busy cores a raylet can take
+        # longer, and the command then exits: start it again rather than fail the test.
+        for attempt in range(3):
+            second = start_ray_node(
+                [sys.executable, str(REPOSITORY / "tests" / "loopback_ray_node.py"), "start",
+                 f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
+                 *node_ports()], {**self.env, **(second_env or {})}, self.logs / f"second-{attempt}.log")
+            self.stack.callback(kill_session, second.pid)
+
+            def joined_or_gave_up():
+                nodes = alive_nodes(self.env, self.dashboard)
+                return nodes if len(nodes) == 2 else ("gave up" if second.poll() is not None else None)
+
+            nodes = wait_for(joined_or_gave_up, 120, "the second node to join")
+            if nodes != "gave up":
+                break
+            kill_session(second.pid)
+        else:
+            raise AssertionError("the second node did not start in 3 attempts: see " + str(self.logs))
+        self.second = second
+        self.second_node_id = next(n["node_id"] for n in nodes if n["node_id"] != self.head_node_id)
+        return self.second_node_id
+
+    def kill_second(self) -> None:
+        """SIGKILL the second node (raylet, agents, workers) and wait until the head lists it dead."""
+        if self.second is None:
+            return
+        kill_session(self.second.pid)
+        self.second = None
+        wait_for(lambda: [n["node_id"] for n in alive_nodes(self.env, self.dashboard)] == [self.head_node_id], 60,
+                 "the head to see the second node dead")
 
 
 def state_rows(output: str) -> list[dict]:
@@ -124,41 +173,35 @@ def alive_nodes(env: dict[str, str], dashboard: str) -> list[dict]:
     return state_rows(done.stdout) if done.returncode == 0 else []
 
 
-def start_cluster(temp_dir: Path, logs: Path, stack: ExitStack, second_env: dict[str, str] | None = None) -> Cluster:
-    """A head and a second node; ``second_env`` is what the second node runs with (default: the
-    cluster's own environment)."""
-    env = cluster_env(temp_dir)
-    gcs_port, dashboard_port = free_port(), free_port()
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
-    head = start_ray_node(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-         "--num-cpus=1", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
-         f"--temp-dir={temp_dir / 'ray'}", *node_ports()], env, logs / "head.log")
-    stack.callback(kill_session, head.pid)
-    nodes = wait_for(lambda: alive_nodes(env, dashboard), 90, "the head node")
-    head_node_id = nodes[0]["node_id"]
-    # `ray start` gives a node 30 s (fixed in Ray) to register; on 2 busy cores a raylet can take
-    # longer, and the command then exits: start it again rather than fail the test.
-    for attempt in range(3):
-        second = start_ray_node(
-            [sys.executable, str(REPOSITORY / "tests" / "loopback_ray_node.py"), "start",
-             f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-             *node_ports()], {**env, **(second_env or {})}, logs / f"second-{attempt}.log")
-        stack.callback(kill_session, second.pid)
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A Ray head (1 CPU) on 127.0.0.1 with token authentication, for every test of this module:
+    starting one is ~10 s on 2 cores. Each test joins and loses its own second node."""
+    # Unix sockets under Ray's temp folder must stay under ~107 characters: a short folder.
+    temp_dir = Path(tempfile.mkdtemp(prefix="hilbert-ray-", dir="/tmp"))
+    logs = tmp_path_factory.mktemp("cluster-logs")
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, temp_dir, ignore_errors=True)
+        stack.callback(kill_processes_under, temp_dir)  # runs before the folder is removed
+        env = cluster_env(temp_dir)
+        gcs_port, dashboard_port = free_port(), free_port()
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        head = start_ray_node(
+            [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+             "--num-cpus=1", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
+             f"--temp-dir={temp_dir / 'ray'}", *node_ports()], env, logs / "head.log")
+        stack.callback(kill_session, head.pid)
+        nodes = wait_for(lambda: alive_nodes(env, dashboard), 90, "the head node")
+        cluster = Cluster(env, f"127.0.0.1:{gcs_port}", dashboard, head, nodes[0]["node_id"], logs, stack)
+        yield cluster
 
-        def joined_or_gave_up():
-            nodes = alive_nodes(env, dashboard)
-            return nodes if len(nodes) == 2 else ("gave up" if second.poll() is not None else None)
 
-        nodes = wait_for(joined_or_gave_up, 120, "the second node to join")
-        if nodes != "gave up":
-            break
-        kill_session(second.pid)
-    else:
-        raise AssertionError("the second node did not start in 3 attempts: see " + str(logs))
-    second_node_id = next(n["node_id"] for n in nodes if n["node_id"] != head_node_id)
-    return Cluster(env, f"127.0.0.1:{gcs_port}", dashboard, head, second, second_node_id, head_node_id, logs)
+@pytest.fixture
+def second_node_leaves(cluster: Cluster):
+    """Whatever the test does, its second node is gone when it ends: the next test joins its own."""
+    yield cluster
+    cluster.kill_second()
 
 
 def start_mlflow_server(root: Path, logs: Path, stack: ExitStack) -> str:
@@ -208,9 +251,72 @@ def trial_runs(client: MlflowClient) -> tuple[str | None, list]:
     return parent_id, runs
 
 
-def test_a_sweep_submitted_to_two_nodes_survives_losing_one(tmp_path: Path):
-    # Unix sockets under Ray's temp folder must stay under ~107 characters: a short folder.
-    temp_dir = Path(tempfile.mkdtemp(prefix="hilbert-ray-", dir="/tmp"))
+def stale_distribution(folder: Path, name: str, version: str) -> Path:
+    """A folder whose ``NAME-VERSION.dist-info`` is what ``importlib.metadata`` finds first when
+    the folder leads ``PYTHONPATH``: how a node with a stale install reports itself."""
+    info = folder / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return folder
+
+
+def test_a_node_with_other_versions_is_refused_before_the_first_trial(second_node_leaves: Cluster, tmp_path: Path):
+    from importlib import metadata
+
+    cluster = second_node_leaves
+    corpus = write_demo_corpus(tmp_path / "corpus", n_documents=12, seed=1)
+    sweep_file = write_sweep(tmp_path, corpus, name="mixed", trials=1, epochs=1, workers=1,
+                             search={"optimization.learning_rate": {"type": "loguniform", "low": 0.001, "high": 0.01}})
+    stale = stale_distribution(tmp_path / "stale", "mlflow", "0.0.1")
+    cluster.join(second_env={"PYTHONPATH": f"{stale}:{REPOSITORY}"})
+    for command in (["sweep", str(sweep_file), "--address", "auto", "--tracking-uri",
+                     f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                    ["train", str(tmp_path / "train.yaml"), "--address", "auto"]):
+        done = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPOSITORY),
+             "--", HILBERT, *command], env=cluster.env, capture_output=True, text=True, timeout=300)
+        output = done.stdout + done.stderr
+        assert done.returncode != 0, output[-4000:]
+        assert "the cluster runs other versions than this driver" in output, output[-4000:]
+        assert f"mlflow: 0.0.1 on node 127.0.0.1 ({cluster.second_node_id[:12]}), " \
+               f"{metadata.version('mlflow')} on the driver" in output, output[-4000:]
+        assert "requirements/lock.txt" in output and "Traceback" not in output, output[-4000:]
+        assert "torch:" not in output.split("the cluster runs other versions")[1].split("Every machine")[0]
+    # Refused before any trial: no trial folder, no checkpoint, no model.
+    assert not list((tmp_path / "runs").rglob("trial-*")) and not list((tmp_path / "runs").rglob("*.safetensors"))
+
+
+def test_batch_prediction_submitted_to_two_nodes_runs_an_actor_on_each(second_node_leaves: Cluster, tmp_path: Path):
+    """``hilbert predict --address auto`` submitted as a job: one model actor per node (each node
+    has one CPU), the rows those of the single-process path, in manifest order."""
+    cluster = second_node_leaves
+    manifest = write_corpus(tmp_path / "corpus", n=24)
+    corpus = load_manifest(manifest)
+    extract_in_process(corpus, BATCH_AUDIO, BATCH_TEXT, tmp_path / "cache")
+    model = fold_checkpoints(tmp_path / "model")
+    cluster.join()
+    out = tmp_path / "predictions.parquet"
+    done = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--submission-id", "hilbert-predict",
+         "--working-dir", str(REPOSITORY), "--", HILBERT, "predict", str(model), str(manifest), str(out),
+         "--cache", str(tmp_path / "cache"), "--address", "auto", "--actors", "2", "--documents-per-batch", "2"],
+        env=cluster.env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "24 documents in" in output and "on 2 actor(s)" in output, output[-4000:]
+    actors = [actor for actor in cluster.listed("actors") if "ModelActor" in actor.get("class_name", "")]
+    assert {actor["node_id"] for actor in actors} == {cluster.head_node_id, cluster.second_node_id}, actors
+
+    predictor = load_predictor(model)
+    _, probabilities = predict_probabilities(predictor, corpus, tmp_path / "cache")
+    expected = predictions_table(corpus, predictor.label_maps, probabilities).to_pandas()
+    got = pq.read_table(out).to_pandas()
+    assert got["doc_id"].tolist() == expected["doc_id"].tolist()
+    numbers = [column for column in expected.columns if "/p/" in column]
+    assert np.abs(got[numbers].to_numpy(float) - expected[numbers].to_numpy(float)).max() <= 1e-6
+
+
+def test_a_sweep_submitted_to_two_nodes_survives_losing_one(second_node_leaves: Cluster, tmp_path: Path):
+    cluster = second_node_leaves
     logs = tmp_path / "logs"
     logs.mkdir()
     corpus = write_demo_corpus(tmp_path / "corpus", n_documents=36, seed=4)
@@ -220,10 +326,8 @@ def test_a_sweep_submitted_to_two_nodes_survives_losing_one(tmp_path: Path):
         search={"optimization.learning_rate": {"type": "loguniform", "low": 0.0003, "high": 0.01}})
 
     with ExitStack() as stack:
-        stack.callback(shutil.rmtree, temp_dir, ignore_errors=True)
-        stack.callback(kill_processes_under, temp_dir)  # runs before the folder is removed
         uri = start_mlflow_server(tmp_path, logs, stack)
-        cluster = start_cluster(temp_dir, logs, stack)
+        cluster.join()
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
         submit_log = logs / "submit.log"
@@ -246,9 +350,10 @@ def test_a_sweep_submitted_to_two_nodes_survives_losing_one(tmp_path: Path):
                     return run
             return None
 
+        victim_node = cluster.second_node_id
         victim = wait_for(a_trial_trained_an_epoch_on_the_second_node, 300, "a trial to train on the second node",
                           interval=0.25)
-        kill_session(cluster.second.pid)  # the second node dies: raylet, agents, the trial's actor
+        cluster.kill_second()  # the second node dies: raylet, agents, the trial's actor
         killed_at = len(objective_history(client, victim.info.run_id))
 
         try:
@@ -258,14 +363,14 @@ def test_a_sweep_submitted_to_two_nodes_survives_losing_one(tmp_path: Path):
                                  + submit_log.read_text(errors="replace")[-4000:]) from None
         output = submit_log.read_text(errors="replace")
         jobs = {job["submission_id"]: job["status"] for job in cluster.listed("jobs")}
-        assert submit.returncode == 0 and jobs == {"hilbert-sweep": "SUCCEEDED"}, (jobs, output[-4000:])
+        assert submit.returncode == 0 and jobs.get("hilbert-sweep") == "SUCCEEDED", (jobs, output[-4000:])
 
         # Ray's State API: trials ran on both nodes, and the second node is gone.
         nodes = {node["node_id"]: node["state"] for node in cluster.listed("nodes")}
         alive = {node for node, state in nodes.items() if state == "ALIVE"}
-        assert alive == {cluster.head_node_id} and nodes[cluster.second_node_id] == "DEAD", nodes
+        assert alive == {cluster.head_node_id} and nodes[victim_node] == "DEAD", nodes
         trial_actors = cluster.listed("actors", "class_name=ImplicitFunc")  # Tune's function-trial actors
-        assert {actor["node_id"] for actor in trial_actors} == {cluster.head_node_id, cluster.second_node_id}, \
+        assert {actor["node_id"] for actor in trial_actors} == {cluster.head_node_id, victim_node}, \
             trial_actors
 
         parent_id, runs = trial_runs(client)
@@ -286,43 +391,3 @@ def test_a_sweep_submitted_to_two_nodes_survives_losing_one(tmp_path: Path):
         assert all("attempts" not in run.data.tags for run in others)
         assert_challenger_is(client, "model-cluster", best_finished(runs))
         assert "registered trial-" in output and "Job 'hilbert-sweep' succeeded" in output
-
-
-def stale_distribution(folder: Path, name: str, version: str) -> Path:
-    """A folder whose ``NAME-VERSION.dist-info`` is what ``importlib.metadata`` finds first when
-    the folder leads ``PYTHONPATH``: how a node with a stale install reports itself."""
-    info = folder / f"{name}-{version}.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    return folder
-
-
-def test_a_node_with_other_versions_is_refused_before_the_first_trial(tmp_path: Path):
-    from importlib import metadata
-
-    temp_dir = Path(tempfile.mkdtemp(prefix="hilbert-ray-", dir="/tmp"))
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    corpus = write_demo_corpus(tmp_path / "corpus", n_documents=12, seed=1)
-    sweep_file = write_sweep(tmp_path, corpus, name="mixed", trials=1, epochs=1, workers=1,
-                             search={"optimization.learning_rate": {"type": "loguniform", "low": 0.001, "high": 0.01}})
-    stale = stale_distribution(tmp_path / "stale", "mlflow", "0.0.1")
-    with ExitStack() as stack:
-        stack.callback(shutil.rmtree, temp_dir, ignore_errors=True)
-        stack.callback(kill_processes_under, temp_dir)
-        cluster = start_cluster(temp_dir, logs, stack, second_env={"PYTHONPATH": f"{stale}:{REPOSITORY}"})
-        for command in (["sweep", str(sweep_file), "--address", "auto", "--tracking-uri",
-                         f"sqlite:///{tmp_path / 'mlflow.db'}"],
-                        ["train", str(tmp_path / "train.yaml"), "--address", "auto"]):
-            done = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPOSITORY),
-                 "--", HILBERT, *command], env=cluster.env, capture_output=True, text=True, timeout=300)
-            output = done.stdout + done.stderr
-            assert done.returncode != 0, output[-4000:]
-            assert "the cluster runs other versions than this driver" in output, output[-4000:]
-            assert f"mlflow: 0.0.1 on node 127.0.0.1 ({cluster.second_node_id[:12]}), " \
-                   f"{metadata.version('mlflow')} on the driver" in output, output[-4000:]
-            assert "requirements/lock.txt" in output and "Traceback" not in output, output[-4000:]
-            assert "torch:" not in output.split("the cluster runs other versions")[1].split("Every machine")[0]
-        # Refused before any trial: no trial folder, no checkpoint, no model.
-        assert not list((tmp_path / "runs").rglob("trial-*")) and not list((tmp_path / "runs").rglob("*.safetensors"))
