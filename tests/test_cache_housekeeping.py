@@ -74,7 +74,7 @@ def entry_files(root: Path) -> dict[str, int]:
 
 
 def names_of(feature_set: FeatureSet) -> set[str]:
-    return {entry_name(m, d[m]) for d in feature_set.documents.values() for m in ("audio", "text")}
+    return {entry_name(m, d[m]) for d in feature_set.documents.values() for m in ("audio", "text", "timing")}
 
 
 def full_and_edited_sets(corpus, root: str | Path) -> tuple[FeatureSet, FeatureSet, set[str]]:
@@ -106,7 +106,7 @@ def load_every_document(cache: FeatureCache, feature_sets) -> int:
     for feature_set in feature_sets:
         for doc_id in feature_set.documents:
             audio, text = cache.load_document(feature_set, doc_id)
-            assert audio.shape[0] == text.shape[0] > 0
+            assert audio.shape[0] == text.shape[0] == cache.load_timing(feature_set, doc_id).shape[0] > 0
             loaded += 1
     return loaded
 
@@ -123,10 +123,13 @@ def test_info_counts_entries_and_bytes_per_encoder_and_per_feature_set(template,
     full, n_mels, edited = sets["logmel/hashngram"], sets["logmel?n_mels=32/hashngram"], sets["edited"]
     audio_of = lambda *s: {entry_name("audio", d["audio"]) for f in s for d in f.documents.values()}  # noqa: E731
     text_of = {entry_name("text", d["text"]) for f in sets.values() for d in f.documents.values()}
+    timing_of = {entry_name("timing", d["timing"]) for f in sets.values() for d in f.documents.values()}
     expected = {("audio", "logmel"): audio_of(full, edited), ("audio", "logmel?n_mels=32"): audio_of(n_mels),
-                ("audio", "stray-encoder"): {stray_name}, ("text", "hashngram"): text_of}
+                ("audio", "stray-encoder"): {stray_name}, ("text", "hashngram"): text_of,
+                ("timing", "segment-timing v1"): timing_of}
     assert len(expected[("audio", "logmel")]) == 4, "the edited copy shares its audio entries"
     assert len(text_of) == 4 + 2, "and has two transcripts of its own"
+    assert len(timing_of) == 4 + 2, "timing rows are shared by both encoder pairs, not by edited transcripts"
     got = {(row.modality, row.encoder): row for row in info.encoders}
     assert set(got) == set(expected)
     for pair, names in expected.items():
@@ -135,7 +138,7 @@ def test_info_counts_entries_and_bytes_per_encoder_and_per_feature_set(template,
     assert info.unreferenced.bytes == sizes[stray_name]
     assert {m: (t.files, t.bytes) for m, t in info.modalities.items()} == {
         m: (sum(1 for n in sizes if n.startswith(f"entries/{m}/")),
-            sum(s for n, s in sizes.items() if n.startswith(f"entries/{m}/"))) for m in ("audio", "text")}
+            sum(s for n, s in sizes.items() if n.startswith(f"entries/{m}/"))) for m in ("audio", "text", "timing")}
 
     summaries = {summary.id: summary for summary in info.sets}
     assert set(summaries) == {feature_set.id for feature_set in sets.values()}
@@ -215,7 +218,7 @@ def test_dry_run_deletes_nothing_and_reports_what_the_real_run_removes(template,
     [real] = prune_cache(cache_root, drop_sets=[sets["edited"].id])
     assert dry.removed == real.removed and dry.dry_run and not real.dry_run
     assert {kind: tally.files for kind, tally in real.removed.items() if tally.files} == {
-        "audio entries": 3, "text entries": 2, "feature sets": 1, "temporaries": 1}
+        "audio entries": 3, "text entries": 2, "timing entries": 2, "feature sets": 1, "temporaries": 1}
 
 
 def test_drop_set_deletes_the_set_and_then_only_the_entries_no_other_set_needs(template, cache_root: Path):
@@ -223,15 +226,16 @@ def test_drop_set_deletes_the_set_and_then_only_the_entries_no_other_set_needs(t
     edited, others = sets["edited"], [s for name, s in sets.items() if name != "edited"]
     cache = FeatureCache(cache_root)
     own = names_of(edited) - set().union(*map(names_of, others))
-    assert len(own) == 2
+    assert len(own) == 2 + 2  # the edited transcripts' text features and timing rows
 
     [young] = prune_cache(cache_root, drop_sets=[edited.id])  # entries written just now: kept
     assert young.dropped_sets == [edited.id] and not cache.feature_set_path(edited.id).exists()
-    assert young.kept_young.files == 2 and own <= set(entry_files(cache_root))
+    assert young.kept_young.files == 4 and own <= set(entry_files(cache_root))
 
     age_every_entry(cache_root)
     [report] = prune_cache(cache_root)
-    assert report.removed["text entries"].files == 2 and not own & set(entry_files(cache_root))
+    assert report.removed["text entries"].files == report.removed["timing entries"].files == 2
+    assert not own & set(entry_files(cache_root))
     assert load_every_document(cache, others) == 8
 
     refusal = rf"no feature set 'nope' in {re.escape(str(cache_root))}.*{others[0].id}"
@@ -362,12 +366,12 @@ def test_cli_info_and_prune_print_tables_and_json(template, cache_root: Path):
     dry = runner.invoke(app, ["cache", "prune", "--cache", str(cache_root), "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert "would remove" in dry.output and "audio entries" in dry.output
-    assert len(entry_files(cache_root)) == 4 + 4 + 4 + 2 + 1
+    assert len(entry_files(cache_root)) == 4 + 4 + 4 + 2 + 6 + 1  # audio x2, text, edited text, timing, stray
     pruned = runner.invoke(app, ["cache", "prune", "--cache", str(cache_root), "--older-than", "30m", "--json"])
     assert pruned.exit_code == 0, pruned.output
     [report] = json.loads(pruned.stdout)
     assert report["removed"]["audio entries"] == {"files": 1, "bytes": size}
-    assert report["older_than"] == 1800 and len(entry_files(cache_root)) == 14
+    assert report["older_than"] == 1800 and len(entry_files(cache_root)) == 20
 
 
 def test_cli_on_a_missing_or_empty_cache_says_so(tmp_path: Path):

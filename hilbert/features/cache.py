@@ -4,6 +4,8 @@ Layout under the cache root::
 
     entries/audio/ab/<key>.safetensors   one document's audio features [segments, dim]
     entries/text/cd/<key>.safetensors    one document's text features  [segments, dim]
+    entries/timing/ef/<key>.safetensors  one document's segment timing [segments, columns]
+                                         (hilbert.features.timing; no encoder)
     sets/<set id>.json                   which entry holds each document of one manifest,
                                          for one (audio encoder, text encoder) pair
     fingerprints.json                    memo: audio file (path, size, mtime) -> sha256
@@ -49,6 +51,11 @@ from hilbert import storage
 
 Modality = Literal["audio", "text"]
 MODALITIES: tuple[Modality, ...] = ("audio", "text")
+# What a cache entry can hold: an encoder's features of one modality, or a document's segment
+# timing (computed from the manifest by hilbert.features.timing, by no encoder).
+EntryKind = Literal["audio", "text", "timing"]
+ENTRY_KINDS: tuple[EntryKind, ...] = ("audio", "text", "timing")
+TIMING: EntryKind = "timing"
 
 # Bump when the meaning of stored features changes without any key input changing (for example
 # a fix in how segments are sliced): every old entry then misses instead of being reused.
@@ -110,6 +117,14 @@ def text_entry_key(texts: Iterable[str], encoder_fingerprint: Mapping[str, Any])
                     "encoder": dict(encoder_fingerprint)})
 
 
+def timing_entry_key(spans: Iterable[tuple[float, float]], texts: Iterable[str],
+                     timing_fingerprint: Mapping[str, Any]) -> str:
+    """Key of one document's timing rows: every segment's start, end and text, and the timing
+    features' version and columns."""
+    return _digest({"v": CACHE_FORMAT_VERSION, "modality": TIMING, "spans": [[float(s), float(e)] for s, e in spans],
+                    "texts": list(texts), "timing": dict(timing_fingerprint)})
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file, or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,15 +152,15 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def entry_name(modality: Modality, key: str) -> str:
+def entry_name(modality: EntryKind, key: str) -> str:
     """Where entry ``key`` lives, relative to the cache root."""
     return f"entries/{modality}/{key[:2]}/{key}.safetensors"
 
 
-def parse_entry_name(name: str) -> tuple[Modality, str] | None:
-    """``(modality, key)`` of an entry's relative name; None for anything else (a temporary)."""
+def parse_entry_name(name: str) -> tuple[EntryKind, str] | None:
+    """``(kind, key)`` of an entry's relative name; None for anything else (a temporary)."""
     parts = name.split("/")
-    if len(parts) != 4 or parts[0] != "entries" or parts[1] not in MODALITIES or not parts[3].endswith(".safetensors"):
+    if len(parts) != 4 or parts[0] != "entries" or parts[1] not in ENTRY_KINDS or not parts[3].endswith(".safetensors"):
         return None
     key = parts[3][:-len(".safetensors")]
     return (parts[1], key) if parts[2] == key[:2] and not key.startswith(".") else None  # type: ignore[return-value]
@@ -184,8 +199,11 @@ class FeatureSet:
     text_fingerprint: dict[str, Any]
     audio_dim: int
     text_dim: int
-    documents: dict[str, dict[str, Any]] = field(default_factory=dict)  # doc_id -> audio, text, segments
+    documents: dict[str, dict[str, Any]] = field(default_factory=dict)  # doc_id -> audio, text, timing, segments
     created: float = field(default_factory=time.time)
+    # hilbert.features.timing.timing_fingerprint() of the timing entries each document names
+    # ("timing"); None in feature sets written before timing features existed: they have none.
+    timing: dict[str, Any] | None = None
 
     @staticmethod
     def set_id(manifest_sha256: str, audio_encoder: str, text_encoder: str) -> str:
@@ -277,13 +295,13 @@ class FeatureCache:
 
     # entries ------------------------------------------------------------------------------
     @staticmethod
-    def _entry(modality: Modality, key: str) -> str:
+    def _entry(modality: EntryKind, key: str) -> str:
         return entry_name(modality, key)
 
-    def entry_path(self, modality: Modality, key: str) -> Path:
+    def entry_path(self, modality: EntryKind, key: str) -> Path:
         return self.root / self._entry(modality, key)
 
-    def has(self, modality: Modality, key: str) -> bool:
+    def has(self, modality: EntryKind, key: str) -> bool:
         """True when a complete, readable entry exists (header checked, values not read).
 
         With a URI root: when the store holds the entry (the mirror is not asked: the store is
@@ -300,7 +318,7 @@ class FeatureCache:
         except (SafetensorError, OSError, ValueError):
             return False  # a corrupt file (say, a truncated copy) is recomputed, then replaced
 
-    def present(self, modality: Modality, keys: Iterable[str]) -> set[str]:
+    def present(self, modality: EntryKind, keys: Iterable[str]) -> set[str]:
         """Which of ``keys`` :meth:`has`; a store is listed once rather than asked key by key."""
         keys = list(keys)
         if self.store is None or len(keys) <= 16:
@@ -308,7 +326,7 @@ class FeatureCache:
         listed = set(self.store.files(f"entries/{modality}"))
         return {key for key in keys if self._entry(modality, key) in listed}
 
-    def put(self, modality: Modality, key: str, features: np.ndarray, *, doc_id: str, encoder: str) -> Path:
+    def put(self, modality: EntryKind, key: str, features: np.ndarray, *, doc_id: str, encoder: str) -> Path:
         """Store one document's features atomically after checking they are finite; returns the
         local (mirror) path."""
         features = np.ascontiguousarray(features, dtype=np.float32)
@@ -324,7 +342,7 @@ class FeatureCache:
                     "format_version": str(CACHE_FORMAT_VERSION)}
         return self._write(self._entry(modality, key), safetensors_bytes({"features": features}, metadata=metadata))
 
-    def get(self, modality: Modality, key: str) -> np.ndarray:
+    def get(self, modality: EntryKind, key: str) -> np.ndarray:
         relative = self._entry(modality, key)
         path = self.root / relative
         if self.store is not None and not path.is_file():
@@ -413,6 +431,17 @@ class FeatureCache:
             raise CacheError(f"doc_id {doc_id!r}: {audio.shape[0]} audio vs {text.shape[0]} text segment features")
         return audio, text
 
+    def load_timing(self, feature_set: FeatureSet, doc_id: str) -> np.ndarray:
+        """The timing rows [S, columns of ``feature_set.timing``] of one document of ``feature_set``."""
+        try:
+            entry = feature_set.documents[doc_id]
+        except KeyError:
+            raise CacheError(f"doc_id {doc_id!r} is not in feature set {feature_set.id}") from None
+        if feature_set.timing is None or TIMING not in entry:
+            raise CacheError(f"feature set {feature_set.id} was written before segment timing features existed: "
+                             "run `hilbert extract` again to add them (or train with data.timing: false)")
+        return self.get(TIMING, entry[TIMING])
+
     # audio fingerprints -------------------------------------------------------------------
     def audio_sha256(self, paths: Iterable[Path]) -> dict[Path, str]:
         """sha256 of each audio file, memoised by (path, size, mtime) so re-runs skip hashing.
@@ -440,7 +469,7 @@ class FeatureCache:
 
     # pending references and prune markers -------------------------------------------------
     @contextmanager
-    def referencing(self, keys: Mapping[Modality, Iterable[str]],
+    def referencing(self, keys: Mapping[EntryKind, Iterable[str]],
                     description: str = "") -> Iterator["PendingReference"]:
         """Publish ``keys`` as a pending reference for the duration of the block: a concurrent
         ``hilbert cache prune`` keeps those entries even though no feature set names them yet."""
@@ -499,11 +528,11 @@ class PendingReference:
     then so a long extraction's stays fresh, and a killed extraction's expires.
     """
 
-    def __init__(self, cache: FeatureCache, keys: Mapping[Modality, Iterable[str]], description: str = ""):
+    def __init__(self, cache: FeatureCache, keys: Mapping[EntryKind, Iterable[str]], description: str = ""):
         self.cache = cache
         self.name = f"{PENDING}/{EXTRACTION_PREFIX}{_token()}.json"
         payload = {"description": description, "host": socket.gethostname(), "pid": os.getpid(),
-                   "started": time.time(), **{m: sorted(set(keys.get(m, ()))) for m in MODALITIES}}
+                   "started": time.time(), **{m: sorted(set(keys.get(m, ()))) for m in ENTRY_KINDS}}
         self._payload = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self._written = 0.0
 

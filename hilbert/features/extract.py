@@ -4,7 +4,10 @@ The driver plans (which documents miss which entries), Ray Data does the encodin
 stream through a pool of encoder actors (one model load per actor, GPUs when the cluster has
 them), each actor writes finished documents straight into the cache. Nothing is encoded twice:
 a re-run is answered from the cache without starting Ray at all, and an interrupted run resumes
-at the first document whose entry is missing.
+at the first document whose entry is missing. The segment timing rows of every document
+(:mod:`hilbert.features.timing`: durations, pauses, positions, transcript lengths) need no
+encoder: the driver computes the missing ones and caches them beside the features, and the
+feature set names them too.
 
 A concurrent ``hilbert cache prune`` never takes an entry from under an extraction: before it
 looks at which entries exist, the extraction publishes every key its feature set will name (a
@@ -30,11 +33,13 @@ from hilbert.data.audio import load_for_encoder, slice_seconds
 from hilbert.data.manifest import Manifest
 from hilbert.features.cache import (
     MODALITIES,
+    TIMING,
     FeatureCache,
     FeatureSet,
     audio_entry_key,
     file_sha256,
     text_entry_key,
+    timing_entry_key,
 )
 from hilbert.features.encoders import (
     AudioEncoder,
@@ -43,6 +48,7 @@ from hilbert.features.encoders import (
     build_text_encoder,
     encoder_fingerprint,
 )
+from hilbert.features.timing import segment_timing, timing_fingerprint, timing_label
 from hilbert.ray_runtime import connect
 
 
@@ -114,6 +120,10 @@ class ExtractionReport:
     # Entries present when planned but gone before the feature set was written (a prune that had
     # read the references before this extraction published its own), encoded again.
     reencoded: dict[str, int] = field(default_factory=dict)
+    # Timing entries (hilbert.features.timing) written by the driver, and found; no encoder runs
+    # for them, so they do not count in cache_hit.
+    timing_computed: int = 0
+    timing_reused: int = 0
     computed_segments: int = 0
     computed_audio_seconds: float = 0.0
     encode_wall_seconds: float = 0.0
@@ -123,6 +133,7 @@ class ExtractionReport:
 
     @property
     def cache_hit(self) -> bool:
+        """No encoder had anything to encode (timing rows may have been computed)."""
         return not any(self.computed.values())
 
     def throughput_line(self) -> str:
@@ -251,13 +262,16 @@ def extract_features(
             report.computed_audio_seconds = sum(job.audio_seconds for job in jobs)
         cache.wait_for_prunes(log)
         _encode_vanished(manifest, cache, keys, report, encode, reference.keep_alive, log)
+        # After the wait: what is present now stays (a prune from here on reads our reference).
+        _store_timing(manifest, cache, keys[TIMING], report)
         feature_set = FeatureSet(
             manifest=str(manifest.path.resolve()), manifest_sha256=manifest_sha256(manifest),
             audio_encoder=audio_encoder, text_encoder=text_encoder,
             audio_fingerprint=fingerprints["audio"], text_fingerprint=fingerprints["text"],
             **_dimensions_of_complete_entries(cache, keys),
             documents={d.doc_id: {"audio": keys["audio"][d.doc_id], "text": keys["text"][d.doc_id],
-                                  "segments": len(d.segments)} for d in manifest})
+                                  TIMING: keys[TIMING][d.doc_id], "segments": len(d.segments)} for d in manifest},
+            timing=timing_fingerprint())
         written = cache.write_feature_set(feature_set)
     report.feature_set_path = written if cache.store is None else cache.feature_set_location(feature_set.id)
     report.feature_set = feature_set
@@ -267,15 +281,30 @@ def extract_features(
 
 def entry_keys(manifest: Manifest, cache: FeatureCache, fingerprints: dict[str, dict[str, Any]]
                ) -> dict[str, dict[str, str]]:
-    """modality -> doc_id -> entry key: what the feature set of ``manifest`` will name (audio is
-    hashed, memoised in ``cache``; no encoder is loaded)."""
+    """kind (audio, text, timing) -> doc_id -> entry key: what the feature set of ``manifest``
+    will name (audio is hashed, memoised in ``cache``; no encoder is loaded)."""
     audio_hashes = cache.audio_sha256(sorted({d.audio_path for d in manifest}))
-    keys: dict[str, dict[str, str]] = {m: {} for m in MODALITIES}
+    keys: dict[str, dict[str, str]] = {m: {} for m in (*MODALITIES, TIMING)}
+    timing = timing_fingerprint()
     for doc in manifest:
         spans = tuple((s.start, s.end) for s in doc.segments)
+        texts = [s.text for s in doc.segments]
         keys["audio"][doc.doc_id] = audio_entry_key(audio_hashes[doc.audio_path], spans, fingerprints["audio"])
-        keys["text"][doc.doc_id] = text_entry_key([s.text for s in doc.segments], fingerprints["text"])
+        keys["text"][doc.doc_id] = text_entry_key(texts, fingerprints["text"])
+        keys[TIMING][doc.doc_id] = timing_entry_key(spans, texts, timing)
     return keys
+
+
+def _store_timing(manifest: Manifest, cache: FeatureCache, keys: dict[str, str], report: ExtractionReport) -> None:
+    """Write the timing rows of every document whose entry is missing (computed here: no encoder)."""
+    present, label = cache.present(TIMING, keys.values()), timing_label(timing_fingerprint())
+    for doc in manifest:
+        key = keys[doc.doc_id]
+        if key in present:
+            report.timing_reused += 1
+            continue
+        cache.put(TIMING, key, np.hstack(segment_timing(doc.segments)), doc_id=doc.doc_id, encoder=label)
+        report.timing_computed += 1
 
 
 def _encode_vanished(manifest: Manifest, cache: FeatureCache, keys: dict[str, dict[str, str]],

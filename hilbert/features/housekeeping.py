@@ -7,9 +7,9 @@ garbage (``hilbert cache prune``), :func:`prune_mirror` one node's mirror of a U
 
 What a prune deletes
 --------------------
-An entry is *referenced* when a feature set (``sets/<id>.json``) names its key, or a fresh
-pending reference does (``pending/extract-*.json``: every key a running extraction's feature set
-will name). A prune deletes an entry when it is unreferenced and older than the grace period
+An entry (a document's audio or text features, or its segment timing rows) is *referenced*
+when a feature set (``sets/<id>.json``) names its key, or a fresh pending reference does
+(``pending/extract-*.json``: every key a running extraction's feature set will name). A prune deletes an entry when it is unreferenced and older than the grace period
 ``older_than`` (default 1 h, like ``git gc``'s), its age being now minus the time it was written
 (the file's mtime, an object's last-modified time). Files of writers in progress are kept at
 least :data:`~hilbert.features.cache.STALE_TEMPORARY_SECONDS` (temporaries) or
@@ -59,7 +59,8 @@ consistency (S3, GCS and POSIX file systems do).
 Which encoder an entry belongs to
 ---------------------------------
 The encoder of the feature sets that name it (the first alphabetically, when two spellings of
-one encoder share entries). An unreferenced entry: the ``encoder`` field of its safetensors
+one encoder share entries); timing entries have no encoder and are named by their version
+(``segment-timing v1``). Feature sets written before timing entries existed name none. An unreferenced entry: the ``encoder`` field of its safetensors
 header when a local copy exists (a local root, or this node's mirror), else ``(unknown)``:
 reading headers from an object store would cost one request per entry.
 """
@@ -79,8 +80,9 @@ from safetensors import SafetensorError, safe_open
 
 from hilbert import storage
 from hilbert.features.cache import (
+    ENTRY_KINDS,
     EXTRACTION_PREFIX,
-    MODALITIES,
+    TIMING,
     PENDING,
     PENDING_REFERENCE_SECONDS,
     PRUNE_MARKER_REFRESH_SECONDS,
@@ -95,13 +97,15 @@ from hilbert.features.cache import (
     is_temporary,
     parse_entry_name,
 )
+from hilbert.features.timing import timing_label
 from hilbert.ray_runtime import connect
 from hilbert.storage import StoredFile
 
 DEFAULT_GRACE_SECONDS = 3600.0
 UNKNOWN_ENCODER = "(unknown)"
 # What a prune removes, in the order its reports list them.
-KINDS = ("audio entries", "text entries", "feature sets", "pending references", "prune markers", "temporaries")
+KINDS = ("audio entries", "text entries", "timing entries", "feature sets", "pending references", "prune markers",
+         "temporaries")
 
 
 class HousekeepingError(ValueError):
@@ -227,7 +231,7 @@ def _read_references(cache: FeatureCache, *, older_than: float, exclude_sets: Co
         except ValueError as error:
             raise CacheError(f"pending reference unreadable: {storage.shown(cache.authority.uri(stored.name))} "
                              f"({error}); delete it if no extraction is running") from error
-        pending.update(entry_name(modality, key) for modality in MODALITIES for key in payload.get(modality, ()))
+        pending.update(entry_name(kind, key) for kind in ENTRY_KINDS for key in payload.get(kind, ()))
         heartbeat()
     sets, named = {}, set()
     for set_id in cache.feature_set_ids():
@@ -243,8 +247,9 @@ def _read_references(cache: FeatureCache, *, older_than: float, exclude_sets: Co
 
 
 def _entry_names(feature_set: FeatureSet) -> set[str]:
-    return {entry_name(modality, document[modality]) for document in feature_set.documents.values()
-            for modality in MODALITIES}
+    """Every entry ``feature_set`` names (timing entries only in sets written since they exist)."""
+    return {entry_name(kind, document[kind]) for document in feature_set.documents.values()
+            for kind in ENTRY_KINDS if kind in document}
 
 
 def _header_encoder(path: Path) -> str:
@@ -325,8 +330,8 @@ def cache_info(location: str | Path) -> CacheInfo:
         location=cache.location_shown, is_uri=cache.store is not None, exists=bool(inventory.total.files),
         mirror=str(cache.root) if cache.store is not None else None,
         mirror_size=_inventory(storage.Folder(str(cache.root.resolve()))).total if cache.store is not None else None,
-        modalities={modality: _total(stored for name, stored in inventory.entries.items()
-                                     if name.startswith(f"entries/{modality}/")) for modality in MODALITIES},
+        modalities={kind: _total(stored for name, stored in inventory.entries.items()
+                                 if name.startswith(f"entries/{kind}/")) for kind in ENTRY_KINDS},
         encoders=_encoder_usage(cache, inventory, references),
         sets=[_set_summary(feature_set, inventory) for feature_set in references.sets.values()],
         unreferenced=_total(stored for name, stored in inventory.entries.items() if name not in references.names),
@@ -348,9 +353,13 @@ def _total(files: Iterable[StoredFile]) -> Tally:
 def _encoder_usage(cache: FeatureCache, inventory: _Inventory, references: _References) -> list[EncoderUsage]:
     named_by: dict[str, str] = {}  # entry name -> encoder (the first alphabetically)
     for feature_set in references.sets.values():
+        timing = timing_label(feature_set.timing)
         for document in feature_set.documents.values():
-            for modality, encoder in (("audio", feature_set.audio_encoder), ("text", feature_set.text_encoder)):
-                name = entry_name(modality, document[modality])
+            for kind, encoder in (("audio", feature_set.audio_encoder), ("text", feature_set.text_encoder),
+                                  (TIMING, timing)):
+                if kind not in document:
+                    continue  # a timing entry, in a set written before they existed
+                name = entry_name(kind, document[kind])
                 named_by[name] = min(encoder, named_by.get(name, encoder))
     usage: dict[tuple[str, str], EncoderUsage] = {}
     for name, stored in inventory.entries.items():
@@ -362,7 +371,7 @@ def _encoder_usage(cache: FeatureCache, inventory: _Inventory, references: _Refe
         if name not in references.names:
             row.unreferenced_entries += 1
             row.unreferenced_bytes += stored.size
-    return [usage[key] for key in sorted(usage, key=lambda k: (MODALITIES.index(k[0]), k[1]))]
+    return [usage[key] for key in sorted(usage, key=lambda k: (ENTRY_KINDS.index(k[0]), k[1]))]
 
 
 def _local_encoder(cache: FeatureCache, name: str) -> str:
