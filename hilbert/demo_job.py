@@ -18,7 +18,7 @@ from typing import Callable
 from hilbert.configs import DEMO_SWEEP, packaged
 from hilbert.data.demo import split_held_out, write_demo_corpus
 from hilbert.data.manifest import Manifest, ManifestError, ValidationReport, load_manifest, validate_manifest
-from hilbert.features.batches import LabelMaps
+from hilbert.features.batches import LabelMaps, timing_of
 from hilbert.features.extract import ExtractionReport, extract_features
 from hilbert.held_out import held_out_baseline, held_out_metric, held_out_scorer
 from hilbert.predict import evaluate_corpus, load_predictor, write_predictions
@@ -135,7 +135,8 @@ def run_demo(workdir: str | Path, *, sweep_file: str | Path | None = None, docum
                                                       predictions_path, address)
     log(f"class probabilities per task for {len(held_out)} documents: {predictions_path}")
     assert extraction.feature_set is not None
-    baseline_metrics = held_out_baseline(label_maps, development, held_out, data.cache_dir, extraction.feature_set)
+    baseline_metrics = held_out_baseline(label_maps, development, held_out, data.cache_dir, extraction.feature_set,
+                                         timing=timing_of(extraction.feature_set, data.timing))
 
     return DemoResult(
         workdir=workdir, corpus=corpus, validation=validation, development=development, held_out=held_out,

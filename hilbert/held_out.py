@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -49,18 +49,19 @@ def held_out_metric(manifest: str | Path) -> str:
 
 
 def held_out_baseline(label_maps: LabelMaps, development: Manifest, held_out: Manifest, cache: str | Path,
-                      feature_set: FeatureSet) -> dict[str, float]:
+                      feature_set: FeatureSet, timing: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Logistic regression on mean-pooled features, fit on the development documents (its ``C``
     chosen by speaker-grouped cross-validation of them), scored on the held-out ones:
     ``<task>/<metric>`` as :func:`hilbert.predict.evaluate_corpus` reports them.
 
     ``feature_set`` covers the documents of both corpora (the feature set of the manifest they
-    were split from).
+    were split from); ``timing``: its timing columns, averaged with the features (as
+    :func:`hilbert.train.baseline.mean_pooled_features` takes them).
     """
     store = FeatureCache(cache)
 
     def features_and_labels(corpus: Manifest) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        features = mean_pooled_features(store, feature_set, [doc.doc_id for doc in corpus])
+        features = mean_pooled_features(store, feature_set, [doc.doc_id for doc in corpus], timing=timing)
         encoded = [label_maps.encode(doc) for doc in corpus]
         return features, {task: np.array([labels[task] for labels in encoded]) for task in label_maps.tasks}
 

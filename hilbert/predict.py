@@ -21,8 +21,8 @@ import pyarrow as pa
 import torch
 
 from hilbert.data.manifest import Manifest
-from hilbert.features.batches import UNLABELLED_INDEX, DocumentFeatures, LabelMaps
-from hilbert.features.cache import FeatureCache, FeatureSet
+from hilbert.features.batches import UNLABELLED_INDEX, DocumentFeatures, LabelMaps, check_timing
+from hilbert.features.cache import CacheError, FeatureCache, FeatureSet
 from hilbert.features.extract import extract_features
 from hilbert.evaluation.predictions import embedding_diagnostics, predict_documents
 from hilbert.metrics import classification_metrics
@@ -103,12 +103,22 @@ def check_encoders(predictor: Predictor, fingerprints: dict[str, Any]) -> None:
 
 def _dataset(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, feature_set: FeatureSet,
              with_labels: bool) -> DocumentFeatures:
+    """The documents as the model was trained to read them: its ``max_segments``, and the timing
+    columns its checkpoint names (none for a model trained without them, or before they existed);
+    features whose timing columns differ from those are refused."""
     max_segments = predictor.info.training.get("data", {}).get("max_segments")
+    timing = predictor.info.features.get("timing")
+    try:
+        check_timing(feature_set, timing)
+    except CacheError as error:
+        raise ModelLocationError(f"{predictor.source}: the model was trained with segment timing features, "
+                                 f"but {error}") from error
     if with_labels:
         return DocumentFeatures.for_documents(FeatureCache(cache_dir), feature_set, manifest.documents,
-                                              predictor.label_maps, max_segments)
+                                              predictor.label_maps, max_segments, timing=timing)
     blank = [{task: UNLABELLED_INDEX for task in predictor.label_maps.tasks} for _ in manifest.documents]
-    return DocumentFeatures(FeatureCache(cache_dir), feature_set, [d.doc_id for d in manifest], blank, max_segments)
+    return DocumentFeatures(FeatureCache(cache_dir), feature_set, [d.doc_id for d in manifest], blank, max_segments,
+                            timing=timing)
 
 
 def _predict_with_every_model(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, *,

@@ -6,6 +6,7 @@ predict`` and gains the flavour with ``add_pyfunc_flavour``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,9 +32,11 @@ from hilbert.cli import app
 from hilbert.data.manifest import load_manifest
 from hilbert.features.batches import LabelMaps
 from hilbert.features.encoders import encoder_fingerprint
+from hilbert.features.timing import AUDIO_COLUMNS, TEXT_COLUMNS, timing_fingerprint
 from hilbert.model.hilbert import HilbertModel, HilbertModelConfig
 from hilbert.predict import embeddings_table, load_predictor, predict_probabilities, predictions_table
 from hilbert.serving.requests import RequestError, documents_from_rows
+from hilbert.serving.served import ServedModel
 from hilbert.tracking.registry import (
     MODEL_FOLDER,
     add_pyfunc_flavour,
@@ -81,13 +84,19 @@ def request_rows(manifest: Path) -> list[dict]:
             for d in load_manifest(manifest)]
 
 
-def fold_checkpoints(folder: Path, folds: int = 2) -> Path:
-    """Tiny random fold models trained (as far as their checkpoints say) on logmel + hashngram."""
+def fold_checkpoints(folder: Path, folds: int = 2, timing: bool = False) -> Path:
+    """Tiny random fold models trained (as far as their checkpoints say) on logmel + hashngram;
+    without ``timing``, as every model was before segment timing features existed."""
     features = {"audio_encoder": AUDIO, "text_encoder": TEXT, "audio_fingerprint": encoder_fingerprint("audio", AUDIO),
                 "text_fingerprint": encoder_fingerprint("text", TEXT)}
+    config = CONFIG
+    if timing:
+        features["timing"] = timing_fingerprint()
+        config = dataclasses.replace(CONFIG, audio_dim=CONFIG.audio_dim + len(AUDIO_COLUMNS),
+                                     text_dim=CONFIG.text_dim + len(TEXT_COLUMNS))
     for fold in range(folds):
-        model = HilbertModel(CONFIG)
-        info = CheckpointInfo(model=CONFIG, label_maps=LABELS, metrics={"score": 0.5 + 0.1 * fold}, features=features)
+        model = HilbertModel(config)
+        info = CheckpointInfo(model=config, label_maps=LABELS, metrics={"score": 0.5 + 0.1 * fold}, features=features)
         save_checkpoint(folder / f"fold_{fold}", model, info, torch.optim.AdamW(model.parameters()), {"patience": 1})
     return folder
 
@@ -155,6 +164,21 @@ def test_champion_loads_with_mlflow_pyfunc_and_predicts_what_hilbert_predict_doe
     for column in ("audio_embedding", "text_embedding", "joint_embedding"):
         np.testing.assert_allclose(np.stack(embedded[column]), np.stack(table[column]), atol=TOLERANCE)
     assert "joint_embedding" not in served
+
+
+def test_a_model_trained_with_timing_is_served_the_timing_columns_hilbert_predict_gives_it(tmp_path, corpus):
+    folder = fold_checkpoints(tmp_path / "timed", timing=True)
+    manifest = load_manifest(corpus)
+    served_model = ServedModel(folder)
+    item = served_model.dataset(manifest)[2]
+    assert item["audio"].shape == (3, CONFIG.audio_dim + len(AUDIO_COLUMNS))
+    assert item["text"].shape == (3, CONFIG.text_dim + len(TEXT_COLUMNS))
+    served = served_model.predict(manifest)
+    predictor = load_predictor(folder)
+    extract_in_process(manifest, AUDIO, TEXT, tmp_path / "cache")
+    _, probabilities = predict_probabilities(predictor, manifest, tmp_path / "cache")
+    expected = predictions_table(manifest, predictor.label_maps, probabilities).to_pandas()
+    print(f"max |served - hilbert predict| with timing = {assert_same_answers(served, expected):.3g}")
 
 
 def test_served_features_go_through_a_cache_when_one_is_configured(tmp_path, corpus, champion, global_store):

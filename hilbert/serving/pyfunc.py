@@ -156,4 +156,4 @@ def _metadata(info: CheckpointInfo, folds: int) -> dict[str, Any]:
     return {"hilbert_version": __version__, "folds": folds, "tasks": dict(info.label_maps.classes),
             "audio_encoder": features.get("audio_encoder"), "text_encoder": features.get("text_encoder"),
             "audio_fingerprint": features.get("audio_fingerprint"),
-            "text_fingerprint": features.get("text_fingerprint")}
+            "text_fingerprint": features.get("text_fingerprint"), "timing": features.get("timing")}

@@ -5,6 +5,8 @@ document, with the encoders the model was trained on (built once, when the model
 Ray Data: the same per-document functions the extraction actors run
 (:func:`~hilbert.features.extract.encode_document_audio`, ``encode_document_text``), then the same
 dataset, fold models and averaging as ``hilbert predict`` (:func:`hilbert.predict.mean_probabilities`).
+A model trained with segment timing gets its timing columns from the request's segments, by the
+function extraction caches them with (:func:`hilbert.features.timing.segment_timing`).
 
 The feature cache is optional. Without one, features live in memory for the request only. With a
 ``cache_dir`` (the cache ``hilbert extract`` / ``predict`` use, or any folder or URI), a document
@@ -25,8 +27,10 @@ from hilbert.features.batches import UNLABELLED_INDEX, DocumentFeatures
 from hilbert.features.cache import FeatureCache
 from hilbert.features.encoders import build_audio_encoder, build_text_encoder, encoder_fingerprint
 from hilbert.features.extract import ExtractionError, encode_document_audio, encode_document_text, entry_keys
+from hilbert.features.timing import segment_timing, timing_fingerprint, timing_label
 from hilbert.predict import (
     EMBEDDING_COLUMNS,
+    ModelLocationError,
     check_encoders,
     embedding_rows,
     load_predictor,
@@ -45,6 +49,11 @@ class ServedModel:
         self.specs = {modality: described[f"{modality}_encoder"] for modality in ("audio", "text")}
         self.fingerprints = {modality: encoder_fingerprint(modality, spec) for modality, spec in self.specs.items()}
         check_encoders(self.predictor, self.fingerprints)  # as hilbert predict does, before any request
+        # The timing columns the model was trained with (None: none), computed now as extraction does.
+        self.timing = described.get("timing")
+        if self.timing is not None and self.timing != timing_fingerprint():
+            raise ModelLocationError(f"{folder}: the model was trained with {timing_label(self.timing)} timing "
+                                     f"features; this hilbert computes {timing_label(timing_fingerprint())}")
         self.audio_encoder = build_audio_encoder(self.specs["audio"], device=device)
         self.text_encoder = build_text_encoder(self.specs["text"], device=device)
         self.cache = FeatureCache(cache_dir) if cache_dir else None
@@ -66,10 +75,11 @@ class ServedModel:
 
     def dataset(self, manifest: Manifest) -> DocumentFeatures:
         """The documents' features as the model reads them (at most ``max_segments`` segments)."""
-        features = _Features(self._features(manifest))
+        timing = {d.doc_id: np.hstack(segment_timing(d.segments)) for d in manifest} if self.timing else {}
+        features = _Features(self._features(manifest), timing)
         blank = [{task: UNLABELLED_INDEX for task in self.predictor.label_maps.tasks} for _ in manifest]
         return DocumentFeatures(features, None, [d.doc_id for d in manifest], blank,  # type: ignore[arg-type]
-                                self.max_segments)
+                                self.max_segments, timing=self.timing)
 
     def _features(self, manifest: Manifest) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         keys = entry_keys(manifest, self.cache, self.fingerprints) if self.cache else None
@@ -98,10 +108,15 @@ class ServedModel:
 
 
 class _Features:
-    """Features at hand, read the way :class:`DocumentFeatures` reads a cache's feature set."""
+    """Features (and timing rows) at hand, read the way :class:`DocumentFeatures` reads a cache's
+    feature set."""
 
-    def __init__(self, documents: dict[str, tuple[np.ndarray, np.ndarray]]):
+    def __init__(self, documents: dict[str, tuple[np.ndarray, np.ndarray]], timing: dict[str, np.ndarray]):
         self.documents = documents
+        self.timing = timing
 
     def load_document(self, feature_set: Any, doc_id: str) -> tuple[np.ndarray, np.ndarray]:
         return self.documents[doc_id]
+
+    def load_timing(self, feature_set: Any, doc_id: str) -> np.ndarray:
+        return self.timing[doc_id]

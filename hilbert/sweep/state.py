@@ -12,7 +12,7 @@ from typing import Any
 from hilbert import storage
 from hilbert.config import from_dict
 from hilbert.sweep.config import SweepConfig
-from hilbert.train.config import TrainConfig
+from hilbert.train.config import TrainConfig, stored_train_config
 
 STATE_FILE = "sweep.json"
 
@@ -81,7 +81,7 @@ class SweepState:
     def sweep_config(self) -> SweepConfig:
         # base_config is derived (init=False): it is stored apart, as base_config.
         sweep = from_dict(SweepConfig, {k: v for k, v in self.sweep.items() if k != "base_config"})
-        sweep.base_config = from_dict(TrainConfig, self.base_config)
+        sweep.base_config = stored_train_config(self.base_config)  # as it ran, even from older hilbert
         return sweep
 
     def write(self, folder: SweepFolder) -> None:

@@ -8,14 +8,15 @@ the split has no validation documents), then the model is refit on the training 
 documents with that ``C`` and scores the test fold once. The model only trains on the training
 documents (it needs the validation documents for early stopping), so if anything this gives the
 baseline more data than HILBERT, never less care. Class weights are balanced (the tasks are
-imbalanced) and features are standardised on the documents each fit sees.
+imbalanced) and features are standardised on the documents each fit sees. With
+``data.timing`` it sees the segment timing columns the model sees, averaged like the rest.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -24,7 +25,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from hilbert.features.batches import LabelMaps
+from hilbert.features.batches import LabelMaps, document_inputs
 from hilbert.features.cache import FeatureCache, FeatureSet
 from hilbert.metrics import classification_metrics, macro_auc
 
@@ -33,11 +34,14 @@ INNER_FOLDS = 3
 
 
 def mean_pooled_features(cache: FeatureCache, feature_set: FeatureSet, doc_ids: list[str],
-                         modalities: tuple[str, ...] = ("audio", "text")) -> np.ndarray:
-    """[documents, Da + Dt]: each document's segment features averaged, modalities concatenated."""
+                         modalities: tuple[str, ...] = ("audio", "text"),
+                         timing: Mapping[str, Any] | None = None) -> np.ndarray:
+    """[documents, Da + Dt]: each document's segment features averaged, modalities concatenated;
+    with ``timing`` (the feature set's timing columns, as the model gets them) those columns are
+    averaged too (mean log duration, pause, words, ...)."""
     rows = []
     for doc_id in doc_ids:
-        audio, text = cache.load_document(feature_set, doc_id)
+        audio, text = document_inputs(cache, feature_set, doc_id, timing)
         parts = {"audio": audio.mean(axis=0), "text": text.mean(axis=0)}
         rows.append(np.concatenate([parts[m] for m in modalities]))
     return np.stack(rows)

@@ -20,18 +20,33 @@ from hilbert.model.hilbert import HilbertModelConfig
 # Fields of HilbertModelConfig that the data decides; YAML may not set them.
 DERIVED_MODEL_FIELDS = ("audio_dim", "text_dim", "tasks")
 
-# Each ablation is a small edit of the HILBERT config: (model overrides, loss overrides).
-VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "hilbert": ({}, {}),
-    "pairwise": ({}, {"alignment": "pairwise"}),
-    "no_cka": ({}, {"use_cka": False}),
-    "no_balance": ({}, {"use_balance": False}),
-    "no_contrastive": ({}, {"lambda_contrastive": 0.0}),
-    "shared_streams": ({"streams": "shared"}, {}),
-    "linear_head": ({"head": "linear"}, {}),
-    "audio_only": ({"modality": "audio"}, {}),
-    "text_only": ({"modality": "text"}, {}),
+
+@dataclass(frozen=True)
+class Variant:
+    """An ablation: a small edit of the HILBERT config's ``model``, ``loss`` and ``data`` sections."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    loss: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+VARIANTS: dict[str, Variant] = {
+    "hilbert": Variant(),
+    "pairwise": Variant(loss={"alignment": "pairwise"}),
+    "no_cka": Variant(loss={"use_cka": False}),
+    "no_balance": Variant(loss={"use_balance": False}),
+    "no_contrastive": Variant(loss={"lambda_contrastive": 0.0}),
+    "shared_streams": Variant(model={"streams": "shared"}),
+    "linear_head": Variant(model={"head": "linear"}),
+    "audio_only": Variant(model={"modality": "audio"}),
+    "text_only": Variant(model={"modality": "text"}),
+    "no_timing": Variant(data={"timing": False}),
 }
+
+# A stored training config (a sweep's sweep.json) whose data section lacks one of these fields
+# was written before the field existed, and its runs were trained with this value, not today's
+# default: a sweep started before segment timing existed resumes without it.
+OLDER_DATA_VALUES = {"timing": False}
 
 
 @dataclass
@@ -42,6 +57,9 @@ class DataConfig:
     text_encoder: str = "hashngram"
     tasks: list[str] | None = None  # default: every task of the corpus
     max_segments: int | None = 512  # longer documents keep evenly spaced segments
+    # Segment timing (hilbert.features.timing) as extra input columns: duration, pause and
+    # position join each segment's audio features, words and characters its text features.
+    timing: bool = True
 
     def __post_init__(self):
         if self.max_segments is not None and self.max_segments < 1:
@@ -146,9 +164,10 @@ class TrainConfig:
 
     def variant(self, name: str) -> "TrainConfig":
         """This config with the ablation ``name`` applied."""
-        model_overrides, loss_overrides = VARIANTS[name]
-        return dataclasses.replace(self, model={**self.model, **model_overrides},
-                                   loss=dataclasses.replace(self.loss, **loss_overrides), variants=[name])
+        variant = VARIANTS[name]
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, **variant.data),
+                                   model={**self.model, **variant.model},
+                                   loss=dataclasses.replace(self.loss, **variant.loss), variants=[name])
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -159,6 +178,14 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
     if overrides:
         config = from_dict(TrainConfig, merge_nested(to_dict(config), overrides))
     return config
+
+
+def stored_train_config(data: dict[str, Any], where: str = "") -> TrainConfig:
+    """A training config stored by an earlier run (a sweep's ``base_config``, a plan): fields it
+    lacks take the value it ran with (:data:`OLDER_DATA_VALUES`), not today's default."""
+    sections = dict(data)
+    sections["data"] = {**OLDER_DATA_VALUES, **(sections.get("data") or {})}
+    return from_dict(TrainConfig, sections, where)
 
 
 def merge_nested(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -207,7 +207,7 @@ def _build_fold(plan: Plan, cache: FeatureCache, fold: int, context: WorkerConte
     loader = DataLoader(train_set, batch_size=per_worker, sampler=sampler, collate_fn=collate_documents,
                         drop_last=drop_last)
     torch.manual_seed(config.optimization.seed + fold)  # the same initial weights on every rank
-    model_config = config.model_config(plan.feature_set.audio_dim, plan.feature_set.text_dim, plan.label_maps.sizes())
+    model_config = config.model_config(*plan.input_dims, plan.label_maps.sizes())
     model = HilbertModel(model_config)
     for modality, (mean, std) in segment_statistics(train_set).items():  # training fold only: no leak
         model.set_feature_statistics(modality, mean, std)
@@ -370,7 +370,7 @@ def _write_checkpoint(runs: list[FoldRun], plan: Plan, epoch: int, context: Work
     folder = Path(tempfile.mkdtemp(prefix="hilbert-ckpt-"))
     for run in runs:
         info = CheckpointInfo(model=run.core.config, label_maps=plan.label_maps,
-                              features=feature_description(plan.feature_set),
+                              features=feature_description(plan.feature_set, plan.timing),
                               training={**to_dict(plan.config), "variant": plan.variant, "fold": run.fold},
                               epoch=epoch, metrics=run.best_metrics)
         # "objective": the loss's learnable state (its temperature), under the key checkpoints have always used.
@@ -389,10 +389,14 @@ def _write_checkpoint(runs: list[FoldRun], plan: Plan, epoch: int, context: Work
     return folder
 
 
-def feature_description(feature_set: FeatureSet) -> dict[str, Any]:
-    return {"audio_encoder": feature_set.audio_encoder, "text_encoder": feature_set.text_encoder,
-            "audio_dim": feature_set.audio_dim, "text_dim": feature_set.text_dim,
-            "audio_fingerprint": feature_set.audio_fingerprint, "text_fingerprint": feature_set.text_fingerprint}
+def feature_description(feature_set: FeatureSet, timing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint records of its inputs: the encoders (their features' widths and
+    fingerprints) and, for a model trained with segment timing, the timing columns appended to
+    them (``timing``; absent: none, as in every checkpoint written before timing existed)."""
+    described = {"audio_encoder": feature_set.audio_encoder, "text_encoder": feature_set.text_encoder,
+                 "audio_dim": feature_set.audio_dim, "text_dim": feature_set.text_dim,
+                 "audio_fingerprint": feature_set.audio_fingerprint, "text_fingerprint": feature_set.text_fingerprint}
+    return {**described, "timing": dict(timing)} if timing is not None else described
 
 
 def _loss_state(loss: HilbertLoss) -> dict[str, list[float]]:

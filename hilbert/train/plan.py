@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hilbert.config import from_dict, to_dict
-from hilbert.features.batches import DocumentFeatures, LabelMaps, shared_documents
+from hilbert.config import to_dict
+from hilbert.features.batches import DocumentFeatures, LabelMaps, input_dims, shared_documents, timing_of
 from hilbert.features.cache import FeatureCache, FeatureSet
-from hilbert.train.config import TrainConfig
+from hilbert.train.config import TrainConfig, stored_train_config
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Plan":
-        return cls(from_dict(TrainConfig, data["config"], "config"), data["variant"], data["cache_dir"],
+        return cls(stored_train_config(data["config"], "config"), data["variant"], data["cache_dir"],
                    FeatureSet(**data["feature_set"]), LabelMaps.from_json(data["label_maps"]), data["labels"],
                    data["folds"])
 
@@ -44,11 +44,22 @@ class Plan:
     def fold_indices(self) -> list[int]:
         return [fold["index"] for fold in self.folds]
 
+    @property
+    def timing(self) -> dict[str, Any] | None:
+        """The timing columns the model reads (the feature set's), None with ``data.timing`` off;
+        a feature set without timing entries is refused when the config asks for them."""
+        return timing_of(self.feature_set, self.config.data.timing)
+
+    @property
+    def input_dims(self) -> tuple[int, int]:
+        """Widths of the model's audio and text inputs (the feature set's, plus timing columns)."""
+        return input_dims(self.feature_set, self.timing)
+
 
 def fold_dataset(plan: Plan, cache: FeatureCache, fold: int, part: str) -> DocumentFeatures:
     """The ``train``, ``validation`` or ``test`` documents of ``fold``, as the loop trains or
     scores them. Every fold, and every later trial in this process, reads a document only once."""
     ids = plan.fold(fold)[part]
-    max_segments = plan.config.data.max_segments
+    max_segments, timing = plan.config.data.max_segments, plan.timing
     return DocumentFeatures(cache, plan.feature_set, ids, [plan.labels[d] for d in ids], max_segments,
-                            shared_documents(cache, plan.feature_set, max_segments))
+                            shared_documents(cache, plan.feature_set, max_segments, timing is not None), timing)

@@ -29,7 +29,7 @@ from hilbert import storage
 from hilbert.config import to_dict
 from hilbert.data.manifest import Manifest, load_manifest
 from hilbert.evaluation.summary import FoldTable, OutOfFoldPredictions, compare_methods
-from hilbert.features.batches import LabelMaps
+from hilbert.features.batches import LabelMaps, timing_of
 from hilbert.features.cache import FeatureCache, FeatureSet, atomic_write_json
 from hilbert.features.extract import extract_features
 from hilbert.ray_runtime import connect
@@ -262,7 +262,8 @@ def run_baseline(config: TrainConfig, data: PreparedData) -> tuple[dict[int, dic
     ordered as the model's: by repeat, then corpus order)."""
     doc_ids = [doc.doc_id for doc in data.manifest]
     groups = document_groups(data.manifest)
-    features = mean_pooled_features(FeatureCache(config.data.cache_dir), data.feature_set, doc_ids)
+    features = mean_pooled_features(FeatureCache(config.data.cache_dir), data.feature_set, doc_ids,
+                                    timing=timing_of(data.feature_set, config.data.timing))
     labels = {task: np.array([data.labels[d][task] for d in doc_ids]) for task in data.label_maps.tasks}
     per_fold, probabilities = logistic_regression_folds(features, labels, doc_ids, [groups[d] for d in doc_ids],
                                                         data.split.folds, data.label_maps)
