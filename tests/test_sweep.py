@@ -183,6 +183,8 @@ def test_sweep_tracks_every_trial_registers_the_best_and_predicts_from_its_alias
             assert len(steps) < EPOCHS, f"{run.info.run_name} was stopped at its last epoch, before logging its model"
             continue
         assert len(steps) == EPOCHS, (run.info.run_name, history)
+        # The machine while it trained, under MLflow's system-metric names (the UI's System metrics tab).
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
         artifacts = artifact_paths(client, run.info.run_id)
         assert "folds/metrics.csv" in artifacts and "model/signature.json" in artifacts
         assert any(path.startswith("figures/") and path.endswith(".png") for path in artifacts)

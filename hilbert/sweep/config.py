@@ -128,6 +128,11 @@ class Tracking:
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db beside the runs
     experiment: str = "hilbert"
     model_name: str = "hilbert"
+    system_metrics_seconds: float = 10.0  # each trial logs CPU, memory and GPU use this often; 0: never
+
+    def __post_init__(self):
+        if self.system_metrics_seconds < 0:
+            raise ConfigError(f"tracking.system_metrics_seconds must be >= 0, got {self.system_metrics_seconds}")
 
 
 @dataclass

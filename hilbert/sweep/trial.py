@@ -34,6 +34,7 @@ from hilbert.sweep.diagnostics import trial_figures
 from hilbert.sweep.state import SweepFolder
 from hilbert.tracking.registry import MODEL_FOLDER, log_model
 from hilbert.tracking.runs import FINISHED, TrialTracker, find_trial_run
+from hilbert.tracking.system_metrics import SystemMetrics
 from hilbert.tracking.store import Experiment
 from hilbert.train.config import TrainConfig
 from hilbert.train.loop import WorkerContext, train_folds
@@ -89,7 +90,8 @@ def hilbert_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
         scratch = Path(tempfile.mkdtemp(prefix=f"hilbert-trial-{trial_id}-"))
         try:
             fitting = time.perf_counter()
-            per_fold, models = train_trial(plan, config, trial_id, setup.folder, scratch / "model")
+            with SystemMetrics(setup.experiment, run.run_id, setup.sweep.tracking.system_metrics_seconds):
+                per_fold, models = train_trial(plan, config, trial_id, setup.folder, scratch / "model")
             fitted = time.perf_counter()
             run.log_fold_table(per_fold)
             outputs = out_of_fold_outputs(Path(models), plan)
