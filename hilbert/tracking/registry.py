@@ -86,11 +86,16 @@ def signature(info: CheckpointInfo, folds: int) -> dict[str, Any]:
     model = info.model
     dims = {"audio": model.audio_dim, "text": model.text_dim}
     embeddings = [*model.modalities, "joint"]
+    timing = info.features.get("timing")  # segment timing columns after the encoder's (absent: none)
+
+    def description(modality: str) -> str:
+        text = f"one row per segment, features of the frozen {modality} encoder"
+        return text + (f", then segment timing columns {', '.join(timing[modality])}" if timing else "")
+
     return {
         "format": SIGNATURE_FORMAT,
         "inputs": {m: {"dtype": "float32", "shape": ["segments", dims[m]],
-                       "encoder": info.features.get(f"{m}_encoder"),
-                       "description": f"one row per segment, features of the frozen {m} encoder"}
+                       "encoder": info.features.get(f"{m}_encoder"), "description": description(m)}
                    for m in model.modalities},
         "outputs": {
             "probabilities": {task: {"dtype": "float32", "shape": [len(names)], "classes": list(names)}
