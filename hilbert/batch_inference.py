@@ -32,10 +32,9 @@ import pyarrow.parquet as pq
 
 from hilbert.config import to_dict
 from hilbert.data.manifest import Manifest
-from hilbert.features.batches import UNLABELLED_INDEX, DocumentFeatures
 from hilbert.features.cache import FeatureCache, FeatureSet
-from hilbert.predict import (Predictor, embedding_rows, features_for, load_predictor, mean_probabilities,
-                             probability_columns)
+from hilbert.predict import (Predictor, check_model_timing, embedding_rows, features_for, load_predictor,
+                             mean_probabilities, probability_columns, unlabelled_dataset)
 from hilbert.ray_runtime import connect
 
 KINDS = ("predict", "embed")
@@ -71,7 +70,7 @@ class ModelActor:
 
         torch.set_num_threads(max(1, threads))
         self.kind = kind
-        self.cache = FeatureCache(cache_root)
+        self.cache_root = cache_root
         self.feature_set = feature_set  # FeatureSet fields but its documents (each row carries its own)
         files: dict[str, bytes] = ray.get(model[0])  # in a list: Ray resolves only top-level references
         self.folder = tempfile.TemporaryDirectory(prefix="hilbert-model-")
@@ -85,10 +84,7 @@ class ModelActor:
         doc_ids = [str(doc_id) for doc_id in batch["doc_id"]]
         entries = {doc_id: json.loads(entry) for doc_id, entry in zip(doc_ids, batch["entry"])}
         feature_set = FeatureSet(**self.feature_set, documents=entries)
-        tasks = self.predictor.label_maps.tasks
-        dataset = DocumentFeatures(self.cache, feature_set, doc_ids,
-                                   [{task: UNLABELLED_INDEX for task in tasks} for _ in doc_ids],
-                                   self.predictor.info.training.get("data", {}).get("max_segments"))
+        dataset = unlabelled_dataset(self.predictor, self.cache_root, feature_set, doc_ids)
         if self.kind == "predict":
             return probability_columns(doc_ids, self.predictor.label_maps, mean_probabilities(self.predictor, dataset))
         return pa.table(embedding_rows(self.predictor, dataset))
@@ -117,6 +113,7 @@ def run_batch_inference(kind: str, predictor: Predictor, manifest: Manifest, cac
         raise ValueError(f"documents_per_batch must be >= 1, got {documents_per_batch}")
     started = time.perf_counter()
     feature_set = features_for(predictor, manifest, cache_dir, address=address)
+    check_model_timing(predictor, feature_set)  # here, not in every actor: a refusal before any starts
     extraction_seconds = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -101,24 +101,39 @@ def check_encoders(predictor: Predictor, fingerprints: dict[str, Any]) -> None:
                 f"with (fingerprint changed: {json.dumps(trained)[:120]} -> {json.dumps(now)[:120]})")
 
 
-def _dataset(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, feature_set: FeatureSet,
-             with_labels: bool) -> DocumentFeatures:
-    """The documents as the model was trained to read them: its ``max_segments``, and the timing
-    columns its checkpoint names (none for a model trained without them, or before they existed);
-    features whose timing columns differ from those are refused."""
-    max_segments = predictor.info.training.get("data", {}).get("max_segments")
+def check_model_timing(predictor: Predictor, feature_set: FeatureSet) -> dict[str, Any] | None:
+    """The timing columns the model reads (those its checkpoint names; None for a model trained
+    without them, or before they existed); features whose timing columns differ are refused."""
     timing = predictor.info.features.get("timing")
     try:
         check_timing(feature_set, timing)
     except CacheError as error:
         raise ModelLocationError(f"{predictor.source}: the model was trained with segment timing features, "
                                  f"but {error}") from error
+    return timing
+
+
+def _dataset(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, feature_set: FeatureSet,
+             with_labels: bool) -> DocumentFeatures:
+    """The documents as the model was trained to read them: its ``max_segments`` and timing
+    columns (:func:`check_model_timing`)."""
     if with_labels:
         return DocumentFeatures.for_documents(FeatureCache(cache_dir), feature_set, manifest.documents,
-                                              predictor.label_maps, max_segments, timing=timing)
-    blank = [{task: UNLABELLED_INDEX for task in predictor.label_maps.tasks} for _ in manifest.documents]
-    return DocumentFeatures(FeatureCache(cache_dir), feature_set, [d.doc_id for d in manifest], blank, max_segments,
-                            timing=timing)
+                                              predictor.label_maps, _max_segments(predictor),
+                                              timing=check_model_timing(predictor, feature_set))
+    return unlabelled_dataset(predictor, cache_dir, feature_set, [d.doc_id for d in manifest])
+
+
+def unlabelled_dataset(predictor: Predictor, cache_dir: str | Path, feature_set: FeatureSet,
+                       doc_ids: list[str]) -> DocumentFeatures:
+    """``doc_ids`` of ``feature_set`` as the model reads them, without labels (to predict or embed)."""
+    blank = [{task: UNLABELLED_INDEX for task in predictor.label_maps.tasks} for _ in doc_ids]
+    return DocumentFeatures(FeatureCache(cache_dir), feature_set, doc_ids, blank, _max_segments(predictor),
+                            timing=check_model_timing(predictor, feature_set))
+
+
+def _max_segments(predictor: Predictor) -> int | None:
+    return predictor.info.training.get("data", {}).get("max_segments")
 
 
 def _predict_with_every_model(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, *,

@@ -4,6 +4,7 @@ that fails names itself and leaves no table behind, nor spoils the one already t
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +35,17 @@ DOCUMENTS = 9
 TOLERANCE = 1e-6
 
 
-def fold_checkpoints(folder: Path, folds: int = 2, seed: int = 0) -> Path:
-    """Tiny random fold models whose checkpoints say they were trained on logmel + hashngram."""
+def fold_checkpoints(folder: Path, timing: dict | None = None, folds: int = 2, seed: int = 0) -> Path:
+    """Tiny random fold models whose checkpoints say they were trained on logmel + hashngram,
+    with the segment timing columns ``timing`` (a feature set's ``timing``) or without any."""
     torch.manual_seed(seed)
     features = {"audio_encoder": AUDIO, "text_encoder": TEXT, "audio_fingerprint": encoder_fingerprint("audio", AUDIO),
-                "text_fingerprint": encoder_fingerprint("text", TEXT)}
+                "text_fingerprint": encoder_fingerprint("text", TEXT), "timing": timing}
+    extra_audio, extra_text = (len(timing["audio"]), len(timing["text"])) if timing else (0, 0)
+    config = dataclasses.replace(CONFIG, audio_dim=CONFIG.audio_dim + extra_audio, text_dim=CONFIG.text_dim + extra_text)
     for fold in range(folds):
-        model = HilbertModel(CONFIG)
-        info = CheckpointInfo(model=CONFIG, label_maps=LABELS, metrics={"score": 0.5 + 0.1 * fold}, features=features,
+        model = HilbertModel(config)
+        info = CheckpointInfo(model=config, label_maps=LABELS, metrics={"score": 0.5 + 0.1 * fold}, features=features,
                               training={"data": {"max_segments": 4}})
         save_checkpoint(folder / f"fold_{fold}", model, info)
     return folder
@@ -62,8 +66,9 @@ def write_corpus(folder: Path, n: int = DOCUMENTS) -> Path:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
     manifest = write_corpus(root / "corpus")
-    extract_in_process(load_manifest(manifest), AUDIO, TEXT, root / "cache")
-    return root, manifest, fold_checkpoints(root / "model")
+    feature_set = extract_in_process(load_manifest(manifest), AUDIO, TEXT, root / "cache")
+    assert feature_set.timing  # the model reads segment timing columns, as new runs do by default
+    return root, manifest, fold_checkpoints(root / "model", feature_set.timing)
 
 
 def test_ray_data_rows_equal_the_single_process_rows_in_manifest_order(local_ray, setup, tmp_path):

@@ -292,8 +292,8 @@ def test_batch_prediction_submitted_to_two_nodes_runs_an_actor_on_each(second_no
     cluster = second_node_leaves
     manifest = write_corpus(tmp_path / "corpus", n=24)
     corpus = load_manifest(manifest)
-    extract_in_process(corpus, BATCH_AUDIO, BATCH_TEXT, tmp_path / "cache")
-    model = fold_checkpoints(tmp_path / "model")
+    feature_set = extract_in_process(corpus, BATCH_AUDIO, BATCH_TEXT, tmp_path / "cache")
+    model = fold_checkpoints(tmp_path / "model", feature_set.timing)
     cluster.join()
     out = tmp_path / "predictions.parquet"
     done = subprocess.run(
