@@ -574,6 +574,9 @@ def runs(
     tracking_uri: TrackingOption = None,
     experiment: Optional[str] = typer.Option(None, help="MLflow experiment; default: every experiment."),
     limit: int = typer.Option(20, help="Rows to show."),
+    views: bool = typer.Option(True, help="Draw the study's views (history, importances, parallel coordinates, "
+                                          "slices) and the trials' CSV into the parent run again, from the sweep "
+                                          "folder: for a sweep still running, or one whose driver died."),
 ) -> None:
     """The leaderboard of a sweep from MLflow, and the command that opens the MLflow UI."""
     from hilbert.tracking.leaderboard import find_sweep, leaderboard
@@ -585,6 +588,13 @@ def runs(
     rows = leaderboard(found, parent.info.run_id)
     print_leaderboard(rows, f"sweep {parent.info.run_name} ({parent.info.status}) in experiment {found.name!r}: "
                             f"{len(rows)} trial(s)", limit)
+    if views:
+        from hilbert.sweep.views import refresh_sweep_views
+        from hilbert.tracking.runs import SweepTracker
+
+        logged = refresh_sweep_views(SweepTracker(found, parent.info.run_id), rows, log=console.print)
+        if logged:
+            console.print(f"logged to the sweep's parent run: {', '.join(logged)}")
     console.print(f"MLflow UI: {ui_command(uri)}")
 
 

@@ -421,6 +421,12 @@ def test_a_killed_sweep_resumes_keeping_finished_trials(corpus: Path, shared_cac
     assert finished_before and interrupted, {tid: run.info.status for tid, run in before.items()}
     histories = {tid: objective_history(client, before[tid].info.run_id) for tid in finished_before}
     assert client.get_run(parent_id).info.status == RUNNING  # nobody ended it: the driver was killed
+    if storage == "local folder":  # `hilbert runs` draws the views the killed driver never logged
+        assert not artifact_paths(client, parent_id, "sweep/views")
+        shown = CliRunner().invoke(app, ["runs", "killed", "--tracking-uri", uri], env={"COLUMNS": "250"})
+        assert shown.exit_code == 0, shown.output
+        assert "sweep/views/optimization_history.png" in shown.output
+        assert {"sweep/trials.csv", "sweep/views/optimization_history.png"} <= artifact_paths(client, parent_id)
 
     resumed = subprocess.Popen([*command, "--resume", "killed"], env=env, cwd=tmp_path,
                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -53,11 +53,11 @@ from hilbert.data.manifest import load_manifest
 from hilbert.ray_runtime import connect, dashboard_url, installed_versions
 from hilbert.sweep.callback import TrialRunsCallback
 from hilbert.sweep.config import SweepConfig, load_sweep
-from hilbert.sweep.resume import repair_saved_search, saved_study
+from hilbert.sweep.resume import repair_saved_search
 from hilbert.sweep.search import make_scheduler, make_searcher
 from hilbert.sweep.state import SweepError, SweepFolder, SweepInterrupted, SweepState, sweeps_dir_for
 from hilbert.sweep.trial import TrialSetup, hilbert_trial, pair_key, trial_run_name
-from hilbert.sweep.views import close_views, study_views, trials_csv
+from hilbert.sweep.views import SWEEP_FOLDER_TAG, log_sweep_views
 from hilbert.tracking.leaderboard import leaderboard, status_counts
 from hilbert.tracking.provenance import source_tags
 from hilbert.tracking.registry import CHALLENGER, RegistryError, register_logged_model
@@ -132,7 +132,7 @@ def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, 
             experiment, folder.name, search_space={k: _defined(p) for k, p in sweep.search.items()},
             objective=dataclasses.asdict(sweep.objective), manifest_fingerprint=prepared.manifest_sha256,
             encoders=prepared.encoder_keys, config={"sweep": to_dict(sweep), "base": to_dict(sweep.base_config)},
-            tags={"sweep_folder": folder.root})
+            tags={SWEEP_FOLDER_TAG: folder.root})
         state = SweepState(folder.name, to_dict(sweep), to_dict(sweep.base_config), uri, experiment.name,
                            tracker.run_id, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         state.write(folder)
@@ -148,7 +148,7 @@ def run_sweep(sweep_file: str | Path | None = None, *, name: str | None = None, 
         rows = leaderboard(experiment, state.parent_run_id, OBJECTIVE)
         best, version = _register_best(sweep, state, folder, experiment, rows, log)
         _summarise_in_parent(tracker, rows, best, version)
-        _log_views(tracker, folder, rows, log)
+        log_sweep_views(tracker, folder.tune, rows, log)
     return SweepResult(state.name, folder.root, uri, experiment, state.parent_run_id, rows, best,
                        sweep.tracking.model_name, version, time.perf_counter() - started)
 
@@ -375,18 +375,3 @@ def _summarise_in_parent(tracker: SweepTracker, rows: list[dict[str, Any]], best
     for key, value in metrics.items():
         if math.isfinite(float(value)):  # a best trial stopped before its test folds has none
             client.log_metric(tracker.run_id, key, float(value))
-
-
-def _log_views(tracker: SweepTracker, folder: SweepFolder, rows: list[dict[str, Any]],
-               log: Callable[[str], None]) -> None:
-    """``sweep/trials.csv`` and Optuna's views of the study (``sweep/views/*.png``) in the parent
-    run: what users compare trials by in the MLflow UI."""
-    tracker.experiment.client.log_text(tracker.run_id, trials_csv(rows), "sweep/trials.csv")
-    study = saved_study(folder.tune)
-    if study is None:
-        return
-    figures = study_views(study, log)
-    try:
-        tracker.log_figures(figures, "sweep/views")
-    finally:
-        close_views(figures)

@@ -20,7 +20,12 @@ import optuna
 from matplotlib.figure import Figure
 from optuna.visualization import matplotlib as optuna_plots
 
+from hilbert import storage
+from hilbert.sweep.resume import saved_study
+from hilbert.tracking.runs import SweepTracker
 from hilbert.train.report import EPOCHS_COMPLETED, TEST_OBJECTIVE
+
+SWEEP_FOLDER_TAG = "sweep_folder"  # the parent run's tag naming its sweep folder (path or URI)
 
 # Name of each view -> how Optuna draws it.
 _VIEWS: dict[str, Callable[[optuna.Study], Any]] = {
@@ -87,3 +92,41 @@ def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def log_sweep_views(sweep: SweepTracker, tune_folder: str, rows: Sequence[Mapping[str, Any]],
+                    log: Callable[[str], None] = print) -> list[str]:
+    """``sweep/trials.csv`` (:func:`trials_csv` of ``rows``) and Optuna's views of the study Tune
+    saved in ``tune_folder`` (``sweep/views/*.png``) in the sweep's parent run, replacing what
+    an earlier call logged: what users compare trials by in the MLflow UI. Returns the paths."""
+    sweep.experiment.client.log_text(sweep.run_id, trials_csv(rows), "sweep/trials.csv")
+    study = saved_study(tune_folder)
+    if study is None:
+        log("sweep views: Tune has saved no study yet")
+        return ["sweep/trials.csv"]
+    figures = study_views(study, log)
+    try:
+        return ["sweep/trials.csv", *sweep.log_figures(figures, "sweep/views")]
+    finally:
+        close_views(figures)
+
+
+def refresh_sweep_views(sweep: SweepTracker, rows: Sequence[Mapping[str, Any]],
+                        log: Callable[[str], None] = print) -> list[str]:
+    """:func:`log_sweep_views` for a sweep found in MLflow, its study read from the sweep folder
+    its parent run names: a sweep still running, or one whose driver died before drawing them.
+    Logs nothing (and says why) when that folder cannot be read from here."""
+    folder = sweep.experiment.client.get_run(sweep.run_id).data.tags.get(SWEEP_FOLDER_TAG)
+    if not folder:
+        log("sweep views: the parent run names no sweep folder (a sweep from before views existed)")
+        return []
+    try:
+        reachable = storage.exists(storage.join(folder, "sweep.json"))
+    except Exception as error:  # a URI this machine has no credentials or route for
+        log(f"sweep views: the sweep folder {storage.shown(folder)} cannot be read from here ({error})")
+        return []
+    if not reachable:
+        log(f"sweep views: no sweep folder at {storage.shown(folder)} on this machine (run `hilbert runs` where "
+            "the sweep ran, or on a machine that mounts it)")
+        return []
+    return log_sweep_views(sweep, storage.join(folder, "tune"), rows, log)
