@@ -79,6 +79,19 @@ def input_dims(feature_set: FeatureSet, timing: Mapping[str, Any] | None) -> tup
     return feature_set.audio_dim + len(timing["audio"]), feature_set.text_dim + len(timing["text"])
 
 
+def layered_inputs(feature_set: FeatureSet) -> dict[str, int]:
+    """The model config fields a ``layer=all`` encoder decides: ``{modality}_layers`` (its hidden
+    states, side by side in each segment's features) and ``{modality}_layer_dim`` (one state's
+    width), from the encoders' fingerprints; empty when neither encoder keeps all its layers."""
+    fields = {}
+    for modality in ("audio", "text"):
+        fingerprint = getattr(feature_set, f"{modality}_fingerprint")
+        if fingerprint.get("layer") == "all":
+            fields[f"{modality}_layers"] = int(fingerprint["layers"])
+            fields[f"{modality}_layer_dim"] = int(fingerprint["dim"])
+    return fields
+
+
 def document_inputs(cache: FeatureCache, feature_set: FeatureSet, doc_id: str, timing: Mapping[str, Any] | None
                     ) -> tuple[np.ndarray, np.ndarray]:
     """One document's model inputs: audio [S, Da (+ timing)], text [S, Dt (+ timing)], all segments."""

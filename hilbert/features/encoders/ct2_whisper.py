@@ -13,7 +13,7 @@ decodes): ``ct2:`` is the way to use faster-whisper folders as they are, and to 
 Options:
 
 - ``layer``: ``last`` only. CTranslate2 returns the encoder's final output and no hidden states;
-  for another layer or ``avg`` use ``hf:`` on the Hugging Face folder of the same weights.
+  for another layer, ``avg`` or ``all`` use ``hf:`` on the Hugging Face folder of the same weights.
 - ``compute_type``: CTranslate2's arithmetic. Default ``float32`` on CPU, ``float16`` on CUDA;
   these two (and ``bfloat16``) share a cache key, like ``hf:``'s fp16 autocast on GPU. ``int8``
   (``int8_float32``, ``int8_float16``, ``int8_bfloat16``) and ``int16`` quantise the weights,
@@ -68,6 +68,9 @@ INSTALL_HINT = "pip install ctranslate2 (it comes with hilbert's 'test' extra: p
 
 
 def last_layer_only(text: str) -> str:
+    if text == "all":
+        raise ValueError("ct2: cannot give layer=all: CTranslate2's Whisper.encode returns only the encoder's final "
+                         "output, no hidden states; for layer=all use hf:<the Hugging Face folder of the same Whisper>")
     if text != "last":
         raise ValueError("expected 'last': CTranslate2 returns only the encoder's final output; for another layer "
                          "or 'avg' use hf:<the Hugging Face folder of the same Whisper>")

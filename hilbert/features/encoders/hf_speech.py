@@ -32,6 +32,7 @@ import torch
 from hilbert.features.encoders.base import AudioEncoder, as_mono_waveform
 from hilbert.features.encoders.hf_checkpoint import WHISPER_MODEL_TYPES, HFCheckpoint
 from hilbert.features.encoders.pooling import (
+    layers_kept,
     length_mask,
     masked_sums,
     resolve_layer,
@@ -69,25 +70,29 @@ class SpeechSettings:
     layer: int | str
     chunk_seconds: float
     sample_rate: int
-    dim: int
+    dim: int  # one hidden state's width
+    layers: int = 1  # hidden states side by side in each vector: all of them for layer=all
 
     @classmethod
     def read(cls, spec: EncoderSpec, options: dict, checkpoint: HFCheckpoint, config: Any,
              feature_extractor: Any) -> "SpeechSettings":
         whisper = config.model_type in WHISPER_MODEL_TYPES
-        layers = config.encoder_layers if whisper else config.num_hidden_layers
+        hidden_states = (config.encoder_layers if whisper else config.num_hidden_layers) + 1
         return cls(
             model_type=config.model_type,
             weights=checkpoint.identity(),
-            layer=resolve_layer(spec, options["layer"], layers + 1),
+            layer=resolve_layer(spec, options["layer"], hidden_states),
             chunk_seconds=chunk_seconds_for(spec, options["chunk_seconds"], feature_extractor, whisper),
             sample_rate=int(feature_extractor.sampling_rate),
             dim=int(config.hidden_size),
+            layers=layers_kept(options["layer"], hidden_states),
         )
 
     def fingerprint(self) -> dict:
+        # "layers" only for layer=all, so every other spec keeps the cache key it had.
+        layers = {"layers": self.layers} if self.layer == "all" else {}
         return {"encoder": "hf", "model_type": self.model_type, "weights": self.weights, "layer": self.layer,
-                "chunk_seconds": self.chunk_seconds, "sample_rate": self.sample_rate, "dim": self.dim,
+                "chunk_seconds": self.chunk_seconds, "sample_rate": self.sample_rate, "dim": self.dim, **layers,
                 "code_version": CODE_VERSION}
 
 
@@ -170,8 +175,9 @@ class TransformersSpeechEncoder(ChunkedSpeechEncoder):
 
     def __init__(self, spec: EncoderSpec, settings: SpeechSettings, model: torch.nn.Module, feature_extractor: Any,
                  batch_size: int, device: str):
-        super().__init__(spec, settings.dim, settings.sample_rate, settings.chunk_seconds, batch_size)
+        super().__init__(spec, settings.dim * settings.layers, settings.sample_rate, settings.chunk_seconds, batch_size)
         self.settings = settings
+        self.layers = settings.layers
         self.layer = settings.layer
         self.device = device
         self.feature_extractor = feature_extractor

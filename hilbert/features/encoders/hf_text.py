@@ -6,6 +6,8 @@ checkpoint's recipe says (:mod:`sentence_transformers`): by default the mean ove
 tokens (the attention mask, so padding never counts; special tokens such as [CLS] and [SEP], or
 T5's ``</s>``, do, which is also why an empty text still gets a vector); a sentence-transformers
 folder may ask for the first token instead (``cls``) and for L2 normalisation (``Normalize``).
+With ``layer=all`` every hidden state is pooled (and normalised) on its own and the vectors are
+laid side by side: ``[layers * dim]`` per text, layer 0 (the embeddings) first.
 
 Length. The usable maximum length is the smallest of the tokenizer's ``model_max_length``, the
 model's position table (``max_position_embeddings``, less the slots RoBERTa-style models reserve)
@@ -43,6 +45,7 @@ from hilbert.features.encoders.base import TextEncoder, as_text
 from hilbert.features.encoders.hf_checkpoint import HFCheckpoint
 from hilbert.features.encoders.pooling import (
     first_valid,
+    layers_kept,
     masked_sums,
     resolve_layer,
     select_layer,
@@ -83,21 +86,25 @@ class TextSettings:
     weights: dict
     layer: int | str
     max_length: int
-    dim: int
+    dim: int  # one hidden state's width
     recipe: SentenceRecipe
+    layers: int = 1  # hidden states side by side in each vector: all of them for layer=all
 
     @classmethod
     def read(cls, spec: EncoderSpec, options: dict, checkpoint: HFCheckpoint, config: Any, tokenizer: Any,
              recipe: SentenceRecipe) -> "TextSettings":
         require_fast_tokenizer(spec, checkpoint, tokenizer)
+        hidden_states = encoder_layer_count(config) + 1
         return cls(model_type=config.model_type, weights=checkpoint.identity(),
-                   layer=resolve_layer(spec, options["layer"], encoder_layer_count(config) + 1),
+                   layer=resolve_layer(spec, options["layer"], hidden_states),
                    max_length=usable_max_length(tokenizer, config, recipe.max_seq_length), dim=hidden_size(config),
-                   recipe=recipe)
+                   recipe=recipe, layers=layers_kept(options["layer"], hidden_states))
 
     def fingerprint(self) -> dict:
+        # "layers" only for layer=all, so every other spec keeps the cache key it had.
+        layers = {"layers": self.layers} if self.layer == "all" else {}
         return {"encoder": "hf", "model_type": self.model_type, "weights": self.weights, "layer": self.layer,
-                "max_length": self.max_length, "dim": self.dim, **self.recipe.fingerprint(),
+                "max_length": self.max_length, "dim": self.dim, **layers, **self.recipe.fingerprint(),
                 "code_version": CODE_VERSION}
 
 
@@ -108,7 +115,8 @@ class TransformerTextEncoder(TextEncoder):
                  batch_size: int, device: str):
         self.spec = str(spec)
         self.settings = settings
-        self.dim = settings.dim
+        self.dim = settings.dim * settings.layers
+        self.layers = settings.layers
         self.layer = settings.layer
         self.max_length = settings.max_length
         self.batch_size = batch_size
@@ -153,7 +161,9 @@ class TransformerTextEncoder(TextEncoder):
                 np.add.at(counts, owners[rows], window_counts)
         vectors = sums / np.maximum(counts, 1)[:, None]
         if self.settings.recipe.normalize:
-            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            # each hidden state on its own, so layer=all holds what layer=<i> gives for every i
+            layered = vectors.reshape(len(texts), self.layers, self.settings.dim)
+            layered /= np.maximum(np.linalg.norm(layered, axis=2, keepdims=True), 1e-12)
         return vectors.astype(np.float32)
 
     def _windows(self, texts: list[str]) -> tuple[dict[str, list], np.ndarray]:

@@ -19,9 +19,14 @@ def resolve_layer(spec: EncoderSpec, layer: int | str, hidden_state_count: int) 
         raise EncoderSpecError(
             f"encoder spec {str(spec)!r}: layer={layer} is out of range; this model has {hidden_state_count} hidden "
             f"states (0 = embeddings, {hidden_state_count - 1} = last layer), so use {-hidden_state_count}.."
-            f"{hidden_state_count - 1}, 'last' or 'avg'"
+            f"{hidden_state_count - 1}, 'last', 'avg' or 'all'"
         )
     return layer % hidden_state_count
+
+
+def layers_kept(layer: int | str, hidden_state_count: int) -> int:
+    """How many hidden states each vector holds: all of them for ``all``, else one."""
+    return hidden_state_count if layer == "all" else 1
 
 
 def wants_hidden_states(layer: int | str) -> bool:
@@ -30,9 +35,13 @@ def wants_hidden_states(layer: int | str) -> bool:
 
 def select_layer(outputs: Any, layer: int | str) -> torch.Tensor:
     """``[batch, time, dim]`` float32: the final output (``last``), one hidden state (an index, 0 =
-    embeddings), or the mean of all hidden states (``avg``)."""
+    embeddings), or the mean of all hidden states (``avg``); for ``all``, ``[batch, time,
+    layers * dim]``: every hidden state side by side, layer 0 (the embeddings) first, so pooling
+    over time pools each layer on its own and a segment's vector reshapes to ``[layers, dim]``."""
     if layer == "last":
         return outputs.last_hidden_state.float()
+    if layer == "all":
+        return torch.cat([state.float() for state in outputs.hidden_states], dim=-1)
     if layer == "avg":
         total = outputs.hidden_states[0].float()
         for state in outputs.hidden_states[1:]:

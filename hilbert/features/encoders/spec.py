@@ -79,6 +79,12 @@ class Option:
 def read_options(spec: EncoderSpec, accepted: Mapping[str, Option]) -> dict[str, Any]:
     """Every option of ``accepted``, read from ``spec`` or defaulted; unknown or bad ones raise."""
     unknown = sorted(set(spec.options) - set(accepted))
+    if "layer" in unknown:
+        raise EncoderSpecError(
+            f"encoder spec {str(spec)!r}: kind {spec.kind!r} has no layers to choose from (it is not a transformer: "
+            "its features are computed directly), so it takes no 'layer' option; 'layer' (an index, last, avg, all) "
+            "is for hf: encoders"
+        )
     if unknown:
         valid = ", ".join(sorted(accepted)) if accepted else "none"
         raise EncoderSpecError(
@@ -143,13 +149,15 @@ def positive_seconds(text: str) -> float:
 
 
 def layer_choice(text: str) -> int | str:
-    """``last`` (the model's final output), ``avg`` (mean over all hidden states) or an index."""
-    if text in ("last", "avg"):
+    """``last`` (the model's final output), ``avg`` (mean over all hidden states), ``all`` (every
+    hidden state, side by side, for a model that learns to weight them) or an index."""
+    if text in ("last", "avg", "all"):
         return text
     try:
         return int(text)
     except ValueError:
-        raise ValueError("expected 'last', 'avg' or an index into the hidden states (negative allowed)") from None
+        raise ValueError("expected 'last', 'avg', 'all' or an index into the hidden states "
+                         "(negative allowed)") from None
 
 
 def plain_text(text: str) -> str:
