@@ -4,23 +4,36 @@ softmax-weighted sum over them (the SUPERB / s3prl ``Featurizer``)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from hilbert.config import to_dict  # noqa: E402
+from hilbert.features.batches import LabelMaps, layered_inputs  # noqa: E402
+from hilbert.features.cache import FeatureCache, FeatureSet  # noqa: E402
 from hilbert.features.encoders import (  # noqa: E402
     EncoderSpecError,
     build_audio_encoder,
     build_text_encoder,
     encoder_fingerprint,
 )
-from hilbert.features.batches import layered_inputs  # noqa: E402
-from hilbert.features.cache import FeatureSet  # noqa: E402
+from hilbert.model import HilbertModel, HilbertModelConfig  # noqa: E402
+from hilbert.model.attention import SegmentProjection  # noqa: E402
+from hilbert.model.layer_weighting import LayerWeighting  # noqa: E402
+from hilbert.sweep.diagnostics import trial_figures  # noqa: E402
+from hilbert.train.checkpoint import CheckpointInfo, load_model, save_checkpoint  # noqa: E402
+from hilbert.train.config import TrainConfig  # noqa: E402
+from hilbert.train.loop import WorkerContext, train_folds  # noqa: E402
+from hilbert.train.out_of_fold import out_of_fold_outputs  # noqa: E402
 from test_encoders import HIDDEN, noise, save_tiny_bert, save_tiny_speech_model, save_tiny_whisper, tone  # noqa: E402
 from test_text_encoders import TEXTS, save_tiny_sentence_transformer, save_tiny_text_model  # noqa: E402
+from test_training import Recorder, simple_folds  # noqa: E402
 
 HIDDEN_STATES = 3  # the tiny models' 2 layers and their embeddings
 
@@ -94,3 +107,158 @@ def test_layer_all_is_refused_by_ct2_which_returns_only_the_last_output(tmp_path
     with pytest.raises(EncoderSpecError, match="ct2: cannot give layer=all: CTranslate2.*only the encoder's final"):
         encoder_fingerprint("audio", f"ct2:{tmp_path}?layer=all")
 
+
+# ---------------------------------------------------------------- the learned weighting
+
+
+LAYERS, LAYER_DIM, TIMING = 4, 6, 2  # audio: 4 layers of 6 then 2 timing columns; text: 3 layers of 5
+AUDIO_DIM, TEXT_DIM = LAYERS * LAYER_DIM + TIMING, 3 * 5
+
+
+def layered_config(**overrides) -> HilbertModelConfig:
+    base = dict(audio_dim=AUDIO_DIM, text_dim=TEXT_DIM, tasks={"diagnosis": 2}, d_model=16, d_embed=8, n_heads=2,
+                n_cross_layers=1, pooling_heads=2, dropout=0.0, n_experts=2, expert_hidden=8,
+                audio_layers=LAYERS, audio_layer_dim=LAYER_DIM, text_layers=3, text_layer_dim=5)
+    return HilbertModelConfig(**{**base, **overrides})
+
+
+def layered_batch(n=3, segments=5):
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.arange(segments)[None, :] < torch.tensor([segments, 2, 4])[:n, None]
+    return (torch.randn(n, segments, AUDIO_DIM, generator=generator),
+            torch.randn(n, segments, TEXT_DIM, generator=generator), mask)
+
+
+def test_layer_weights_start_as_the_plain_average_and_sum_to_one():
+    weighting = LayerWeighting(LAYERS)
+    states = torch.randn(2, 7, LAYERS, LAYER_DIM)
+    torch.testing.assert_close(weighting(states), states.mean(dim=2))
+    with torch.no_grad():
+        weighting.logits.copy_(torch.tensor([3.0, -1.0, 0.5, 0.0]))
+    weights = weighting.weights()
+    assert (weights > 0).all() and float(weights.sum().detach()) == pytest.approx(1.0)
+    torch.testing.assert_close(weighting(states), torch.einsum("bsld,l->bsd", states, weights))
+
+
+def test_untrained_layered_projection_reads_the_average_of_its_standardised_layers_and_timing_unweighted():
+    torch.manual_seed(0)
+    layered = SegmentProjection(AUDIO_DIM, 16, 0.0, LAYERS, LAYER_DIM)
+    plain = SegmentProjection(LAYER_DIM + TIMING, 16, 0.0)
+    plain.load_state_dict({k: v for k, v in layered.state_dict().items() if not k.startswith("feature_")
+                           and not k.startswith("layer_weighting")}, strict=False)
+    mean, std = torch.randn(AUDIO_DIM), torch.rand(AUDIO_DIM) + 0.5
+    layered.set_feature_statistics(mean, std)
+    features = torch.randn(3, 5, AUDIO_DIM)
+    standardised = (features - mean) / std
+    averaged = torch.cat([standardised[..., :LAYERS * LAYER_DIM].unflatten(-1, (LAYERS, LAYER_DIM)).mean(dim=-2),
+                          standardised[..., LAYERS * LAYER_DIM:]], dim=-1)  # timing columns pass through
+    torch.testing.assert_close(layered(features), plain(averaged), atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_the_layer_weights_of_both_modalities():
+    model = HilbertModel(layered_config())
+    audio, text, mask = layered_batch()
+    model(audio, text, mask).logits["diagnosis"].sum().backward()
+    weights = model.layer_weights()
+    assert set(weights) == {"audio", "text"} and weights["audio"].shape == (LAYERS,) and weights["text"].shape == (3,)
+    for modality in ("audio", "text"):
+        gradient = model.projections[modality].layer_weighting.logits.grad
+        assert gradient is not None and gradient.abs().sum() > 0
+        assert float(weights[modality].sum()) == pytest.approx(1.0)
+
+
+def test_one_layer_models_have_no_layer_weights_and_their_old_checkpoints_load_unchanged(tmp_path):
+    config = layered_config(audio_dim=LAYER_DIM, text_dim=5, audio_layers=1, audio_layer_dim=None, text_layers=1,
+                            text_layer_dim=None)
+    model = HilbertModel(config).eval()
+    assert model.layer_weights() == {} and not any("layer_weighting" in name for name in model.state_dict())
+    folder = save_checkpoint(tmp_path / "old", model, CheckpointInfo(config, LabelMaps({"diagnosis": ("a", "b")})))
+    saved = json.loads((folder / "checkpoint.json").read_text())
+    for added in ("audio_layers", "audio_layer_dim", "text_layers", "text_layer_dim"):
+        del saved["model"][added]  # a config written before layer=all existed
+    (folder / "checkpoint.json").write_text(json.dumps(saved))
+    loaded, info = load_model(folder)  # strict load_state_dict: the weights fit
+    assert info.model.audio_layers == 1 and info.model.text_layer_dim is None
+    audio, text, mask = torch.randn(2, 3, LAYER_DIM), torch.randn(2, 3, 5), torch.ones(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(audio, text, mask).logits["diagnosis"],
+                                   model(audio, text, mask).logits["diagnosis"], atol=0, rtol=0)
+
+
+def test_layered_checkpoint_round_trips_its_layer_weights(tmp_path):
+    model = HilbertModel(layered_config()).eval()
+    with torch.no_grad():
+        model.projections["audio"].layer_weighting.logits.copy_(torch.tensor([2.0, 0.0, -1.0, 0.5]))
+    folder = save_checkpoint(tmp_path / "layered", model,
+                             CheckpointInfo(model.config, LabelMaps({"diagnosis": ("a", "b")})))
+    loaded, info = load_model(folder)
+    assert (info.model.audio_layers, info.model.audio_layer_dim) == (LAYERS, LAYER_DIM)
+    torch.testing.assert_close(loaded.layer_weights()["audio"], model.layer_weights()["audio"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ({"audio_layers": 0}, "audio_layers must be a positive integer"),
+    ({"audio_layer_dim": None}, "audio_layer_dim=None must be a positive integer"),
+    ({"text_layer_dim": 6}, r"3 x 6 vs 15"),
+])
+def test_layer_config_errors_name_the_field(overrides, says):
+    with pytest.raises(ValueError, match=says):
+        layered_config(**overrides)
+
+
+# ---------------------------------------------------------------- training on layered features
+
+
+CORPUS_LAYERS, CORPUS_LAYER_DIM, CORPUS_TEXT_DIM, INFORMATIVE = 3, 4, 5, 2
+
+
+def layered_plan(tmp_path, documents: int = 32, epochs: int = 20) -> dict:
+    """A cached corpus of layer=all audio features (3 layers of 4) where only layer 2 carries the
+    label 'loud'; the text is one noise vector per segment."""
+    rng = np.random.default_rng(0)
+    cache = FeatureCache(tmp_path / "cache")
+    loud = rng.integers(0, 2, documents)
+    entries, labels = {}, {}
+    for i in range(documents):
+        segments = int(rng.integers(3, 7))
+        audio = rng.normal(size=(segments, CORPUS_LAYERS, CORPUS_LAYER_DIM)).astype(np.float32)
+        audio[:, INFORMATIVE, 0] += 2.0 * loud[i]
+        doc_id = f"d{i:03d}"
+        cache.put("audio", f"a{i:063d}", audio.reshape(segments, -1), doc_id=doc_id, encoder="synthetic")
+        cache.put("text", f"t{i:063d}", rng.normal(size=(segments, CORPUS_TEXT_DIM)).astype(np.float32),
+                  doc_id=doc_id, encoder="synthetic")
+        entries[doc_id] = {"audio": f"a{i:063d}", "text": f"t{i:063d}", "segments": segments}
+        labels[doc_id] = {"loud": int(loud[i])}
+    audio_fingerprint = {"encoder": "synthetic", "layer": "all", "layers": CORPUS_LAYERS, "dim": CORPUS_LAYER_DIM}
+    feature_set = FeatureSet("synthetic", "sha", "synthetic?layer=all", "synthetic", audio_fingerprint, {},
+                             CORPUS_LAYERS * CORPUS_LAYER_DIM, CORPUS_TEXT_DIM, entries)
+    config = TrainConfig(model={"d_model": 16, "d_embed": 16, "n_heads": 2, "pooling_heads": 2, "n_experts": 2,
+                                "expert_hidden": 16, "n_cross_layers": 1, "dropout": 0.0})
+    config.optimization.epochs = epochs
+    config.optimization.batch_size = 4
+    config.optimization.learning_rate = 3e-2
+    config.optimization.early_stopping = False
+    config.loss.lambda_contrastive = config.loss.lambda_cka = config.loss.lambda_balance = 0.0  # the task alone
+    return {"config": to_dict(config), "variant": "hilbert", "cache_dir": str(cache.root),
+            "feature_set": to_dict(feature_set), "label_maps": {"loud": ["quiet", "loud"]}, "labels": labels,
+            "folds": simple_folds(list(entries), 2)}
+
+
+def test_training_on_layered_features_moves_the_layer_weights_and_draws_them(tmp_path):
+    recorder = Recorder(tmp_path / "reports")
+    plan = layered_plan(tmp_path)
+    train_folds(plan, WorkerContext(report=recorder))
+    names = [f"layer_weight/audio/{layer}" for layer in range(CORPUS_LAYERS)]
+    assert not any(name.startswith("layer_weight/text") for name in recorder.metrics[-1])  # one text layer
+    last = np.array([recorder.metrics[-1][name] for name in names])
+    assert last.sum() == pytest.approx(1.0, abs=1e-6)
+    assert np.abs(last - 1 / CORPUS_LAYERS).max() > 1e-3  # they moved from the plain average
+    assert last.argmax() == INFORMATIVE  # towards the layer that carries the label
+    models = tmp_path / "models"
+    for fold in (0, 1):  # the fold models, as collect_fold_models lays them out
+        shutil.copytree(recorder.checkpoints[-1] / f"fold_{fold}", models / f"fold_{fold}")
+    outputs = out_of_fold_outputs(models, plan)
+    assert outputs.layer_weights["audio"].shape == (2, CORPUS_LAYERS) and "text" not in outputs.layer_weights
+    np.testing.assert_allclose(outputs.layer_weights["audio"].mean(axis=0), last, atol=1e-6)
+    figure = trial_figures(outputs)["layer_weights"]
+    assert [ax.get_title() for ax in figure.axes] == ["audio layer weights (2 fold models)"]

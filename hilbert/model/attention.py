@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hilbert.model.layer_weighting import LayerWeighting
+
 
 def sinusoidal_positions(n_positions: int, d_model: int, device=None, dtype=None) -> Tensor:
     """Transformer sine/cosine codes for segment indices ``0..n_positions-1``: ``[n_positions, d_model]``.
@@ -41,14 +43,27 @@ class SegmentProjection(nn.Module):
     and the projection would otherwise only see the largest. The LayerNorm then puts a 1024-wide
     speech feature and a 384-wide text feature on the same per-vector scale before the
     projection, so neither stream dominates by its encoder's width.
+
+    With ``layers > 1`` (an encoder's ``layer=all``) the first ``layers * layer_dim`` features are
+    its hidden states side by side, and the rest (segment timing) follow. Each layer is
+    standardised on its own (the statistics are per feature of every layer), then a learned
+    :class:`LayerWeighting` sums the layers into one ``layer_dim`` vector, the other columns are
+    appended unweighted, and the LayerNorm and projection see ``layer_dim + rest`` features.
+    Standardising before weighting puts every layer on one scale (a transformer's later layers
+    have much larger activations), so the weights compare layers, not their units, as s3prl's
+    per-layer normalisation does.
     """
 
-    def __init__(self, d_in: int, d_model: int, dropout: float):
+    def __init__(self, d_in: int, d_model: int, dropout: float, layers: int = 1, layer_dim: int | None = None):
         super().__init__()
         self.register_buffer("feature_mean", torch.zeros(d_in))
         self.register_buffer("feature_scale", torch.ones(d_in))
-        self.norm = nn.LayerNorm(d_in)
-        self.linear = nn.Linear(d_in, d_model)
+        self.layers, self.layer_dim = layers, layer_dim
+        # absent for one layer, so the state dict of an unlayered projection is what it always was
+        self.layer_weighting = LayerWeighting(layers) if layers > 1 else None
+        d_weighted = d_in - (layers - 1) * layer_dim if layers > 1 else d_in
+        self.norm = nn.LayerNorm(d_weighted)
+        self.linear = nn.Linear(d_weighted, d_model)
         self.dropout = nn.Dropout(dropout)
 
     @torch.no_grad()
@@ -62,7 +77,15 @@ class SegmentProjection(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         standardised = (features - self.feature_mean) / self.feature_scale
-        return self.dropout(self.linear(self.norm(standardised)))
+        return self.dropout(self.linear(self.norm(self.weigh_layers(standardised))))
+
+    def weigh_layers(self, features: Tensor) -> Tensor:
+        """``[..., layers * layer_dim + rest]`` -> ``[..., layer_dim + rest]`` (unchanged for one layer)."""
+        if self.layer_weighting is None:
+            return features
+        stacked = self.layers * self.layer_dim
+        layered = features[..., :stacked].unflatten(-1, (self.layers, self.layer_dim))
+        return torch.cat([self.layer_weighting(layered), features[..., stacked:]], dim=-1)
 
 
 class MultiHeadAttention(nn.Module):

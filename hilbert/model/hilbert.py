@@ -36,6 +36,11 @@ Choices the paper leaves open, and why:
   from; ``hilbert.losses.information_balance`` estimates that from the modality-specific
   embeddings. (A per-segment gated fusion would mix audio and text inside each segment before
   pooling, so the weights could not even say which stream carried the document.)
+* Several encoder layers (an encoder's ``layer=all``; ``audio_layers``/``text_layers`` > 1):
+  the projection standardises each layer's features on their own, sums the layers with learned
+  softmax weights (``hilbert.model.layer_weighting``, initialised to the plain average) and
+  appends the segment timing columns after the sum, unweighted: timing is one value per segment,
+  not per layer. ``layer_weights()`` reports the weights.
 * Unimodal ablations (``modality="audio"`` or ``"text"``): the missing embedding is ``None``;
   the one stream runs through its self-attention layers (pooled into ``z_x``) and then through
   the same number of cross-modal layers as self-attention, and ``z_j`` is the joint pooling over
@@ -90,6 +95,13 @@ class HilbertModelConfig:
     modality: str = "both"  # "both" | "audio" | "text"
     moe_balance: str = "switch"  # "switch" | "cv2": see hilbert.model.moe
     streams: str = "separate"  # "separate": z_a, z_t see only their modality | "shared": pooled after cross-attention
+    # An encoder's layer=all: its features are audio_layers hidden states of audio_layer_dim side
+    # by side (then any timing columns), summed with learned weights. 1 (and None): one vector,
+    # as in every model before layer=all existed.
+    audio_layers: int = 1
+    audio_layer_dim: int | None = None
+    text_layers: int = 1
+    text_layer_dim: int | None = None
 
     def __post_init__(self):
         positive = (
@@ -112,6 +124,8 @@ class HilbertModelConfig:
         self._check_choice("moe_balance", tuple(LOAD_BALANCE))
         self._check_choice("streams", STREAMS)
         self._check_tasks()
+        for modality in ("audio", "text"):
+            self._check_layers(modality)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -120,6 +134,16 @@ class HilbertModelConfig:
     def _check_choice(self, name: str, choices: tuple[str, ...]):
         if getattr(self, name) not in choices:
             raise ValueError(f"HilbertModelConfig.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+
+    def _check_layers(self, modality: str):
+        layers, layer_dim, dim = (getattr(self, f"{modality}_{name}") for name in ("layers", "layer_dim", "dim"))
+        if not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"HilbertModelConfig.{modality}_layers must be a positive integer, got {layers!r}")
+        if layers > 1 and not (isinstance(layer_dim, int) and layer_dim >= 1 and layers * layer_dim <= dim):
+            raise ValueError(
+                f"HilbertModelConfig.{modality}_layer_dim={layer_dim!r} must be a positive integer with "
+                f"{modality}_layers * {modality}_layer_dim <= {modality}_dim ({layers} x {layer_dim} vs {dim})"
+            )
 
     def _check_tasks(self):
         if not self.tasks:
@@ -163,10 +187,11 @@ class HilbertModel(nn.Module):
         super().__init__()
         self.config = config
         modalities = config.modalities
-        input_dims = {"audio": config.audio_dim, "text": config.text_dim}
-        self.projections = nn.ModuleDict(
-            {m: SegmentProjection(input_dims[m], config.d_model, config.dropout) for m in modalities}
-        )
+        self.projections = nn.ModuleDict({
+            m: SegmentProjection(getattr(config, f"{m}_dim"), config.d_model, config.dropout,
+                                 getattr(config, f"{m}_layers"), getattr(config, f"{m}_layer_dim"))
+            for m in modalities
+        })
         # empty for "shared", so its state dict is the earlier design's and old checkpoints load
         self.self_encoders = nn.ModuleDict(
             {m: SelfAttentionEncoder(config.d_model, config.n_heads, config.n_self_layers, config.dropout)
@@ -223,6 +248,13 @@ class HilbertModel(nn.Module):
         """Per-feature mean and standard deviation of ``modality``'s training segments."""
         if modality in self.projections:
             self.projections[modality].set_feature_statistics(mean, std)
+
+    @torch.no_grad()
+    def layer_weights(self) -> dict[str, Tensor]:
+        """modality -> ``[layers]`` learned weights over its encoder's hidden states (summing to
+        1), for the modalities whose features hold several layers."""
+        return {m: projection.layer_weighting.weights() for m, projection in self.projections.items()
+                if projection.layer_weighting is not None}
 
     def _project(self, audio: Tensor | None, text: Tensor | None, mask: Tensor) -> dict[str, Tensor]:
         inputs = {"audio": audio, "text": text}

@@ -15,7 +15,8 @@ from typing import Mapping, Sequence
 from matplotlib.figure import Figure
 
 from hilbert.train.out_of_fold import OutOfFold
-from hilbert.sweep.plots import confusion_matrices, cka_matrix, expert_utilisation, roc_curves, segment_attention
+from hilbert.sweep.plots import (confusion_matrices, cka_matrix, expert_utilisation, layer_weights, roc_curves,
+                                 segment_attention)
 
 
 def trial_figures(outputs: OutOfFold, classes: Mapping[str, Sequence[str]] | None = None) -> dict[str, Figure]:
@@ -39,4 +40,6 @@ def trial_figures(outputs: OutOfFold, classes: Mapping[str, Sequence[str]] | Non
     if outputs.attention:
         figures["segment_attention"] = segment_attention(outputs.attention, outputs.attention_doc_ids,
                                                          outputs.modalities)
+    if outputs.layer_weights:  # layer=all features: what each fold model learned to read
+        figures["layer_weights"] = layer_weights(outputs.layer_weights)
     return figures

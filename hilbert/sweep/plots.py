@@ -1,5 +1,5 @@
 """Figures of a trained model for a trial's run: ROC curves, confusion matrices, CKA between
-embedding spaces, expert utilisation and segment attention.
+embedding spaces, expert utilisation, segment attention and learned layer weights.
 
 Every function takes numpy arrays and returns a :class:`matplotlib.figure.Figure` built without
 pyplot: no global figure registry to leak memory over hundreds of trials, no GUI backend (the
@@ -142,6 +142,27 @@ def expert_utilisation(gate_probabilities: np.ndarray) -> Figure:
     ax.set(xlabel="expert", ylabel="mean gate probability", xticks=range(usage.size), ylim=(0, max(1.0, usage.max())),
            title=f"expert utilisation (n={len(gate_probabilities)})")
     ax.legend(fontsize="small")
+    return figure
+
+
+def layer_weights(weights: Mapping[str, np.ndarray]) -> Figure:
+    """The learned weights over an encoder's layers (``layer=all``), one panel per modality:
+    each entry is ``[fold models, layers]``; bars are the mean over fold models, dots each
+    model, against the plain average (``1 / layers``) the weights start from. Layer 0 is the
+    encoder's embeddings."""
+    figure, axes = _panels(len(weights), columns=len(weights) or 1)
+    for ax, (modality, values) in zip(axes, weights.items()):
+        values = np.atleast_2d(np.asarray(values, dtype=np.float64))
+        layers = np.arange(values.shape[1])
+        ax.bar(layers, values.mean(axis=0), color="tab:blue", alpha=0.7, label="mean over folds")
+        for fold in values:
+            ax.plot(layers, fold, "o", color="black", markersize=3, alpha=0.6)
+        ax.axhline(1.0 / values.shape[1], color="grey", linestyle=":", label="plain average")
+        top = max(1.0 / values.shape[1], values.max()) * 1.15
+        ax.set(xlabel="encoder layer (0 = embeddings)", ylabel="weight", ylim=(0, top),
+               title=f"{modality} layer weights ({len(values)} fold models)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small")
     return figure
 
 

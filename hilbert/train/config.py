@@ -18,7 +18,8 @@ from hilbert.losses import LossConfig
 from hilbert.model.hilbert import HilbertModelConfig
 
 # Fields of HilbertModelConfig that the data decides; YAML may not set them.
-DERIVED_MODEL_FIELDS = ("audio_dim", "text_dim", "tasks")
+DERIVED_MODEL_FIELDS = ("audio_dim", "text_dim", "tasks", "audio_layers", "audio_layer_dim", "text_layers",
+                        "text_layer_dim")
 
 
 @dataclass(frozen=True)
@@ -155,12 +156,14 @@ class TrainConfig:
             raise ConfigError("optimization.early_stopping needs a validation split: set cv.validation_fraction > 0 "
                               "(e.g. 0.2), or early_stopping: false to train fixed epochs")
 
-    def model_config(self, audio_dim: int, text_dim: int, tasks: dict[str, int]) -> HilbertModelConfig:
+    def model_config(self, audio_dim: int, text_dim: int, tasks: dict[str, int],
+                     layers: dict[str, int] | None = None) -> HilbertModelConfig:
+        """``layers``: the ``{modality}_layers`` / ``_layer_dim`` of layer=all encoders (batches.layered_inputs)."""
         for derived in DERIVED_MODEL_FIELDS:
             if derived in self.model:
                 raise ConfigError(f"model.{derived}: set from the feature set and corpus, not in the config")
         return from_dict(HilbertModelConfig, {**self.model, "audio_dim": audio_dim, "text_dim": text_dim,
-                                              "tasks": tasks}, "model")
+                                              "tasks": tasks, **(layers or {})}, "model")
 
     def variant(self, name: str) -> "TrainConfig":
         """This config with the ablation ``name`` applied."""

@@ -207,7 +207,7 @@ def _build_fold(plan: Plan, cache: FeatureCache, fold: int, context: WorkerConte
     loader = DataLoader(train_set, batch_size=per_worker, sampler=sampler, collate_fn=collate_documents,
                         drop_last=drop_last)
     torch.manual_seed(config.optimization.seed + fold)  # the same initial weights on every rank
-    model_config = config.model_config(*plan.input_dims, plan.label_maps.sizes())
+    model_config = config.model_config(*plan.input_dims, plan.label_maps.sizes(), plan.layers)
     model = HilbertModel(model_config)
     for modality, (mean, std) in segment_statistics(train_set).items():  # training fold only: no leak
         model.set_feature_statistics(modality, mean, std)
@@ -356,7 +356,19 @@ def _epoch_metrics(runs: list[FoldRun], epoch: int) -> dict[str, Any]:
             values = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
             if values:
                 metrics[f"{prefix}/{name}"] = float(np.mean(values))
+    metrics.update(layer_weight_metrics(runs))
     return metrics
+
+
+def layer_weight_metrics(runs: list[FoldRun]) -> dict[str, float]:
+    """``layer_weight/<modality>/<layer>``: the learned weight of each encoder layer (layer=all
+    features), mean over the folds' models as they stand; empty for one-layer features."""
+    weights: dict[str, list[np.ndarray]] = {}
+    for run in runs:
+        for modality, values in run.core.layer_weights().items():
+            weights.setdefault(modality, []).append(values.cpu().numpy())
+    return {f"layer_weight/{modality}/{layer}": float(value)
+            for modality, folds in weights.items() for layer, value in enumerate(np.mean(folds, axis=0))}
 
 
 # ---------------------------------------------------------------------------------------------

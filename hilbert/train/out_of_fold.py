@@ -54,6 +54,9 @@ class OutOfFold:
     reference_fold: int
     attention: list[np.ndarray] = field(default_factory=list)
     attention_doc_ids: list[str] = field(default_factory=list)
+    # modality -> [fold models, layers]: each fold model's learned weights over its encoder's
+    # layers (layer=all features only; empty otherwise)
+    layer_weights: dict[str, np.ndarray] = field(default_factory=dict)
 
     def rows_of(self, fold: int) -> np.ndarray:
         """Boolean mask of the documents predicted by ``fold``'s model."""
@@ -88,10 +91,13 @@ def out_of_fold_outputs(folds_dir: str | Path, plan: Mapping[str, Any], device: 
     attention: list[np.ndarray] = []
     attention_doc_ids: list[str] = []
     modalities: tuple[str, ...] = ()
+    layer_weights: dict[str, list[np.ndarray]] = {}
     for entry in parsed.folds:
         fold = entry["index"]
         model = _fold_model(Path(folds_dir), fold, parsed, device)
         modalities = model.config.modalities
+        for modality, weights in model.layer_weights().items():
+            layer_weights.setdefault(modality, []).append(weights.cpu().numpy())
         test = fold_dataset(parsed, cache, fold, "test")
         if not len(test):
             continue
@@ -113,7 +119,8 @@ def out_of_fold_outputs(folds_dir: str | Path, plan: Mapping[str, Any], device: 
         probabilities={task: pooled[f"probabilities/{task}"] for task in tasks if f"probabilities/{task}" in pooled},
         embeddings={name: pooled[name] for name in EMBEDDINGS if name in pooled}, gates=pooled.get("gates"),
         classes={task: list(names) for task, names in parsed.label_maps.classes.items()}, modalities=modalities,
-        reference_fold=parsed.fold_indices[0], attention=attention, attention_doc_ids=attention_doc_ids)
+        reference_fold=parsed.fold_indices[0], attention=attention, attention_doc_ids=attention_doc_ids,
+        layer_weights={modality: np.stack(weights) for modality, weights in layer_weights.items()})
 
 
 def _fold_model(folds_dir: Path, fold: int, plan: Plan, device: torch.device) -> HilbertModel:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hilbert.config import to_dict
-from hilbert.features.batches import DocumentFeatures, LabelMaps, input_dims, shared_documents, timing_of
+from hilbert.features.batches import (DocumentFeatures, LabelMaps, input_dims, layered_inputs, shared_documents,
+                                      timing_of)
 from hilbert.features.cache import FeatureCache, FeatureSet
 from hilbert.train.config import TrainConfig, stored_train_config
 
@@ -54,6 +55,11 @@ class Plan:
     def input_dims(self) -> tuple[int, int]:
         """Widths of the model's audio and text inputs (the feature set's, plus timing columns)."""
         return input_dims(self.feature_set, self.timing)
+
+    @property
+    def layers(self) -> dict[str, int]:
+        """The model's ``{modality}_layers`` and ``{modality}_layer_dim`` for ``layer=all`` encoders."""
+        return layered_inputs(self.feature_set)
 
 
 def fold_dataset(plan: Plan, cache: FeatureCache, fold: int, part: str) -> DocumentFeatures:
