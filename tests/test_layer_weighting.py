@@ -31,6 +31,7 @@ from hilbert.train.checkpoint import CheckpointInfo, load_model, save_checkpoint
 from hilbert.train.config import TrainConfig  # noqa: E402
 from hilbert.train.loop import WorkerContext, train_folds  # noqa: E402
 from hilbert.train.out_of_fold import out_of_fold_outputs  # noqa: E402
+from hilbert.train.run import CrossValidationResult  # noqa: E402
 from test_encoders import HIDDEN, noise, save_tiny_bert, save_tiny_speech_model, save_tiny_whisper, tone  # noqa: E402
 from test_text_encoders import TEXTS, save_tiny_sentence_transformer, save_tiny_text_model  # noqa: E402
 from test_training import Recorder, simple_folds  # noqa: E402
@@ -262,3 +263,10 @@ def test_training_on_layered_features_moves_the_layer_weights_and_draws_them(tmp
     np.testing.assert_allclose(outputs.layer_weights["audio"].mean(axis=0), last, atol=1e-6)
     figure = trial_figures(outputs)["layer_weights"]
     assert [ax.get_title() for ax in figure.axes] == ["audio layer weights (2 fold models)"]
+
+
+def test_results_json_records_layer_weights_only_for_layered_runs():
+    result = CrossValidationResult(tasks=["loud"], folds=2)
+    assert "layer_weights" not in result.to_json()  # what every run without layer=all writes, as before
+    result.layer_weights["hilbert"] = {"audio": [[0.2, 0.3, 0.5], [0.25, 0.25, 0.5]]}
+    assert json.loads(json.dumps(result.to_json()))["layer_weights"] == result.layer_weights

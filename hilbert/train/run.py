@@ -73,6 +73,8 @@ class CrossValidationResult:
     comparison: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # method -> task -> figures
     checkpoints: dict[str, str] = field(default_factory=dict)  # variant -> folder with fold_<i> models
     seconds: dict[str, float] = field(default_factory=dict)
+    # variant -> modality -> [fold models][layers]: learned weights over layer=all features
+    layer_weights: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
 
     def fold_table(self, method: str) -> FoldTable:
         return FoldTable.from_folds(self.methods[method])
@@ -95,10 +97,11 @@ class CrossValidationResult:
         return float(np.mean(values)) if values else math.nan
 
     def to_json(self) -> dict[str, Any]:
-        return {"tasks": self.tasks, "folds": self.folds, "repeats": self.repeats, "reference": REFERENCE,
-                "summary": self.comparison,
-                "fold_tables": {method: self.fold_table(method).to_json() for method in self.methods},
-                "checkpoints": self.checkpoints, "seconds": self.seconds}
+        written = {"tasks": self.tasks, "folds": self.folds, "repeats": self.repeats, "reference": REFERENCE,
+                   "summary": self.comparison,
+                   "fold_tables": {method: self.fold_table(method).to_json() for method in self.methods},
+                   "checkpoints": self.checkpoints, "seconds": self.seconds}
+        return {**written, "layer_weights": self.layer_weights} if self.layer_weights else written
 
 
 def prepare_data(config: TrainConfig, *, manifest: Manifest | None = None, feature_set: FeatureSet | None = None,
@@ -208,8 +211,11 @@ def run_cross_validation(config: TrainConfig, *, manifest: Manifest | None = Non
         except Exception as error:  # Ray wraps worker errors; keep the message that names the cause
             raise TrainingError(f"variant {variant!r} failed: {error}") from error
         result.methods[variant], result.checkpoints[variant] = collect_fold_models(fit, run_dir / variant)
-        result.predictions[variant] = out_of_fold_outputs(result.checkpoints[variant], plan,
-                                                          attention_documents=0).test_predictions(groups)
+        outputs = out_of_fold_outputs(result.checkpoints[variant], plan, attention_documents=0)
+        result.predictions[variant] = outputs.test_predictions(groups)
+        if outputs.layer_weights:
+            result.layer_weights[variant] = {modality: weights.tolist()
+                                             for modality, weights in outputs.layer_weights.items()}
         result.seconds[variant] = time.perf_counter() - started
     if config.baseline:
         started = time.perf_counter()
