@@ -32,6 +32,10 @@ from hilbert.train.config import TrainConfig  # noqa: E402
 from hilbert.train.loop import WorkerContext, train_folds  # noqa: E402
 from hilbert.train.out_of_fold import out_of_fold_outputs  # noqa: E402
 from hilbert.train.run import CrossValidationResult  # noqa: E402
+from conftest import document, write_manifest, write_tone  # noqa: E402
+from hilbert.data.manifest import load_manifest  # noqa: E402
+from hilbert.features.extract import extract_features  # noqa: E402
+from hilbert.features.timing import AUDIO_COLUMNS, TEXT_COLUMNS  # noqa: E402
 from test_encoders import HIDDEN, noise, save_tiny_bert, save_tiny_speech_model, save_tiny_whisper, tone  # noqa: E402
 from test_text_encoders import TEXTS, save_tiny_sentence_transformer, save_tiny_text_model  # noqa: E402
 from test_training import Recorder, simple_folds  # noqa: E402
@@ -270,3 +274,37 @@ def test_results_json_records_layer_weights_only_for_layered_runs():
     assert "layer_weights" not in result.to_json()  # what every run without layer=all writes, as before
     result.layer_weights["hilbert"] = {"audio": [[0.2, 0.3, 0.5], [0.25, 0.25, 0.5]]}
     assert json.loads(json.dumps(result.to_json()))["layer_weights"] == result.layer_weights
+
+
+def test_extracted_layer_all_features_with_timing_train_end_to_end(checkpoints, tmp_path):
+    """Extraction of a corpus with layer=all on both sides, then in-process training with the
+    segment timing columns appended after each modality's layers."""
+    records = []
+    for i in range(12):
+        write_tone(tmp_path / "audio" / f"d{i}.wav", seconds=1.6, frequency=150 + 40 * i)
+        records.append(document(f"d{i:02d}", f"audio/d{i}.wav", [(0.0, 0.7, "the cat sat"), (0.9, 1.5, "dogs ran")],
+                                labels={"loud": "ab"[i % 2]}))
+    manifest = load_manifest(write_manifest(tmp_path, records))
+    audio_spec, text_spec = f"hf:{checkpoints['wav2vec2']}?layer=all", f"hf:{checkpoints['bert']}?layer=all"
+    feature_set = extract_features(manifest, audio_spec, text_spec, tmp_path / "cache", progress=False,
+                                   in_process=True).feature_set
+    assert (feature_set.audio_dim, feature_set.text_dim) == (HIDDEN_STATES * HIDDEN, HIDDEN_STATES * HIDDEN)
+    assert feature_set.timing is not None
+    config = TrainConfig(model={"d_model": 16, "d_embed": 16, "n_heads": 2, "pooling_heads": 1, "n_experts": 2,
+                                "expert_hidden": 16, "n_cross_layers": 1, "dropout": 0.0})
+    config.optimization.epochs, config.optimization.batch_size, config.optimization.early_stopping = 2, 4, False
+    plan = {"config": to_dict(config), "variant": "hilbert", "cache_dir": str(tmp_path / "cache"),
+            "feature_set": to_dict(feature_set), "label_maps": {"loud": ["a", "b"]},
+            "labels": {doc.doc_id: {"loud": "ab".index(doc.labels["loud"])} for doc in manifest},
+            "folds": simple_folds([doc.doc_id for doc in manifest], 2)}
+    recorder = Recorder(tmp_path / "reports")
+    train_folds(plan, WorkerContext(report=recorder))
+    model, _ = load_model(recorder.checkpoints[-1] / "fold_0")
+    layered = dict(audio_layers=HIDDEN_STATES, audio_layer_dim=HIDDEN, text_layers=HIDDEN_STATES, text_layer_dim=HIDDEN)
+    assert {name: getattr(model.config, name) for name in layered} == layered
+    assert model.config.audio_dim == HIDDEN_STATES * HIDDEN + len(AUDIO_COLUMNS)  # timing after the layers
+    assert model.config.text_dim == HIDDEN_STATES * HIDDEN + len(TEXT_COLUMNS)
+    assert model.projections["audio"].linear.in_features == HIDDEN + len(AUDIO_COLUMNS)
+    for modality in ("audio", "text"):
+        weights = [recorder.metrics[-1][f"layer_weight/{modality}/{layer}"] for layer in range(HIDDEN_STATES)]
+        assert sum(weights) == pytest.approx(1.0, abs=1e-6)
