@@ -35,7 +35,7 @@ from hilbert.data.manifest import Manifest
 from hilbert.features.cache import FeatureCache, FeatureSet
 from hilbert.predict import (Predictor, check_model_timing, embedding_rows, features_for, load_predictor,
                              mean_probabilities, probability_columns, unlabelled_dataset)
-from hilbert.ray_runtime import connect
+from hilbert.ray_runtime import actor_pool, connect
 
 KINDS = ("predict", "embed")
 PROGRESS_SECONDS = 10.0
@@ -117,15 +117,11 @@ def run_batch_inference(kind: str, predictor: Predictor, manifest: Manifest, cac
     extraction_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    resources = connect(address)
-    gpus = resources.get("GPU", 0.0)
-    use_gpu = gpus > 0 if use_gpu is None else use_gpu
-    if use_gpu and gpus == 0:
-        raise BatchInferenceError("use_gpu was requested but the Ray cluster has no GPU")
-    if actors is None:
-        actors = int(gpus) if use_gpu else max(1, int(resources.get("CPU", 1) // max(cpus_per_actor, 1e-3)))
     batches = -(-len(manifest) // documents_per_batch)
-    actors = max(1, min(actors, batches))
+    try:
+        actors, use_gpu = actor_pool(connect(address), actors, cpus_per_actor, use_gpu, batches)
+    except ValueError as error:
+        raise BatchInferenceError(str(error)) from None
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False

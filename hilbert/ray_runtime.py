@@ -66,6 +66,21 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     return dict(ray.cluster_resources())
 
 
+def actor_pool(resources: Mapping[str, float], requested: int | None, cpus_per_actor: float,
+               use_gpu: bool | None, work: int) -> tuple[int, bool]:
+    """How many actors a Ray Data pool starts on a cluster of ``resources`` and whether each takes
+    a GPU: ``requested``, else one per GPU when GPUs are used (the default where the cluster has
+    any), else one per ``cpus_per_actor`` CPUs; never more than ``work`` items, never fewer than
+    one. ValueError when a GPU is asked of a cluster without one."""
+    gpus = resources.get("GPU", 0.0)
+    use_gpu = gpus > 0 if use_gpu is None else use_gpu
+    if use_gpu and gpus == 0:
+        raise ValueError("use_gpu was requested but the Ray cluster has no GPU")
+    if requested is None:
+        requested = int(gpus) if use_gpu else max(1, int(resources.get("CPU", 1) // max(cpus_per_actor, 1e-3)))
+    return max(1, min(requested, work)), use_gpu
+
+
 def installed_versions() -> dict[str, str]:
     """This process's Python (major.minor: what Ray requires to match) and the version of each
     of :data:`CHECKED_PACKAGES` as installed (its distribution's metadata)."""

@@ -53,3 +53,16 @@ def test_every_node_of_a_local_ray_answers_with_the_drivers_versions(local_ray):
     alive = [node["NodeID"] for node in local_ray.nodes() if node["Alive"]]
     assert sorted(answers) == sorted(alive) and len(alive) == 1
     assert list(answers.values()) == [installed_versions()]
+
+
+def test_actor_pools_take_one_actor_per_gpu_or_per_cpus_and_never_more_than_the_work():
+    from hilbert.ray_runtime import actor_pool
+
+    assert actor_pool({"CPU": 16.0}, None, 1.0, None, 100) == (16, False)
+    assert actor_pool({"CPU": 16.0}, None, 4.0, None, 100) == (4, False)
+    assert actor_pool({"CPU": 16.0, "GPU": 2.0}, None, 1.0, None, 100) == (2, True)  # GPUs by default
+    assert actor_pool({"CPU": 16.0, "GPU": 2.0}, None, 1.0, False, 100) == (16, False)
+    assert actor_pool({"CPU": 16.0}, 8, 1.0, None, 3) == (3, False)  # no idle actors for 3 items
+    assert actor_pool({"CPU": 0.5}, None, 1.0, None, 10) == (1, False)
+    with pytest.raises(ValueError, match="no GPU"):
+        actor_pool({"CPU": 4.0}, None, 1.0, True, 10)

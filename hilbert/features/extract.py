@@ -49,7 +49,7 @@ from hilbert.features.encoders import (
     encoder_fingerprint,
 )
 from hilbert.features.timing import segment_timing, timing_fingerprint, timing_label
-from hilbert.ray_runtime import connect
+from hilbert.ray_runtime import actor_pool, connect
 
 
 # Up to this many segments left to encode (and no cluster named), extraction runs in the calling
@@ -433,14 +433,10 @@ def _run_on_ray(jobs: list[_Job], specs: dict[str, str], cache: FeatureCache, *,
                 keep_alive: Callable[[], None] = lambda: None) -> None:
     import ray.data  # only when something is left to encode: a full cache hit never starts Ray
 
-    resources = connect(address)
-    gpus = resources.get("GPU", 0.0)
-    use_gpu = gpus > 0 if use_gpu is None else use_gpu
-    if use_gpu and gpus == 0:
-        raise ExtractionError("use_gpu was requested but the Ray cluster has no GPU")
-    if num_actors is None:
-        num_actors = int(gpus) if use_gpu else max(1, int(resources.get("CPU", 1) // max(cpus_per_actor, 1e-3)))
-    num_actors = max(1, min(num_actors, len(jobs)))
+    try:
+        num_actors, use_gpu = actor_pool(connect(address), num_actors, cpus_per_actor, use_gpu, len(jobs))
+    except ValueError as error:
+        raise ExtractionError(str(error)) from None
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ExtractionProgress says what matters here: documents, audio s/s, ETA
