@@ -47,8 +47,8 @@ class Plan:
 
     @property
     def timing(self) -> dict[str, Any] | None:
-        """The timing columns the model reads (the feature set's), None with ``data.timing`` off;
-        a feature set without timing entries is refused when the config asks for them."""
+        """The timing columns the model reads (the feature set's), None with ``data.timing`` off
+        or for a feature set written before timing entries existed (its runs train without them)."""
         return timing_of(self.feature_set, self.config.data.timing)
 
     @property
