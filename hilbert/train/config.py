@@ -103,6 +103,10 @@ class OptimizationConfig:
     early_stopping: bool = True
     warmup_epochs: int = 1
     mixed_precision: bool = True  # bf16 autocast, on GPU only
+    # The layer=all weighting logits' own rate (None: learning_rate). The logits start at the plain
+    # average and Adam moves each by about one rate per step, so a short run at the model's rate
+    # leaves the weights near uniform.
+    layer_weight_learning_rate: float | None = None
     class_weighting: Literal["balanced", "none"] = "balanced"
     objective_tasks: list[str] | None = None  # tasks whose mean AUC picks the best epoch (default: all)
     objective_weights: dict[str, float] | None = None  # task -> weight of its AUC in that mean (default: equal)
@@ -110,6 +114,8 @@ class OptimizationConfig:
 
     def __post_init__(self):
         checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 2, "learning_rate": self.learning_rate > 0,
+                  "layer_weight_learning_rate": self.layer_weight_learning_rate is None
+                  or self.layer_weight_learning_rate > 0,
                   "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0, "patience": self.patience >= 1,
                   "warmup_epochs": self.warmup_epochs >= 0,
                   "objective_weights": all(w >= 0 for w in (self.objective_weights or {}).values())

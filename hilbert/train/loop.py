@@ -45,7 +45,7 @@ from hilbert.features.cache import FeatureCache, FeatureSet
 from hilbert.losses import HilbertLoss
 from hilbert.model.hilbert import HilbertModel
 from hilbert.train.checkpoint import CheckpointInfo, load_training_state, save_checkpoint
-from hilbert.train.config import TrainConfig
+from hilbert.train.config import OptimizationConfig, TrainConfig
 from hilbert.train.plan import Plan, fold_dataset
 from hilbert.train.report import (ACTIVE_FOLDS, EPOCH, EPOCH_SCORE, EPOCHS_COMPLETED, OBJECTIVE, REPEATED_REPORT,
                                   TEST_OBJECTIVE)
@@ -219,14 +219,27 @@ def _build_fold(plan: Plan, cache: FeatureCache, fold: int, context: WorkerConte
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[context.device.index] if context.device.type == "cuda" else None,
             find_unused_parameters=model_config.modality != "both")
-    parameters = list(model.parameters()) + list(loss.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.optimization.learning_rate,
-                                  weight_decay=config.optimization.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, loss, config.optimization),
+                                  lr=config.optimization.learning_rate, weight_decay=config.optimization.weight_decay)
     steps_per_epoch = max(1, len(loader))
     warmup = config.optimization.warmup_epochs * steps_per_epoch
     total = config.optimization.epochs * steps_per_epoch
     scheduler = warmup_cosine_schedule(optimizer, warmup, total)
     return FoldRun(fold, model, loss, optimizer, scheduler, loader, validation, test)
+
+
+def parameter_groups(model: nn.Module, loss: nn.Module, optimization: OptimizationConfig) -> list[dict]:
+    """The optimizer's parameter groups: everything at ``optimization.learning_rate``, except, when
+    ``optimization.layer_weight_learning_rate`` is set, the ``layer=all`` weighting logits, which get
+    that rate and no weight decay (decay would pull them back to the plain average)."""
+    everything = [*model.parameters(), *loss.parameters()]
+    rate = optimization.layer_weight_learning_rate
+    logits = [p for name, p in model.named_parameters() if name.endswith("layer_weighting.logits")]
+    if rate is None or not logits:
+        return [{"params": everything}]
+    chosen = {id(p) for p in logits}
+    return [{"params": [p for p in everything if id(p) not in chosen]},
+            {"params": logits, "lr": rate, "weight_decay": 0.0}]
 
 
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int
