@@ -395,23 +395,41 @@ def evaluate(
     cache: CacheOption = "cache",
     address: ExtractionAddress = None,
     output: Optional[Path] = typer.Option(None, help="Also write the metrics as JSON here."),
+    seen: str = typer.Option("report", help="Documents the model trained or chose its epoch on (matched by "
+                                            "content): `report` scores them and warns, `exclude` scores only "
+                                            "the others, `refuse` stops."),
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Per-task AUC, balanced accuracy and macro F1 of a trained model on a labelled corpus."""
     from hilbert.features.batches import UnknownLabelError
     from hilbert.features.cache import atomic_write_json
-    from hilbert.predict import evaluate_corpus
+    from hilbert.predict import SeenDocumentsError, evaluate_corpus
 
+    if seen not in ("report", "exclude", "refuse"):
+        errors.print(f"[red]--seen must be report, exclude or refuse, not {seen!r}[/red]", highlight=False)
+        raise typer.Exit(2)
     corpus = _exit_on_bad_manifest(manifest)
-    with _model(model, tracking_uri) as predictor, _refusing(UnknownLabelError, FileNotFoundError):
-        metrics = evaluate_corpus(predictor, corpus, cache, address=address)
-    table = Table(title=f"{model} on {manifest} ({len(predictor.models)} model(s))", title_justify="left")
+    with _model(model, tracking_uri) as predictor, _refusing(UnknownLabelError, FileNotFoundError, SeenDocumentsError):
+        metrics = evaluate_corpus(predictor, corpus, cache, address=address, seen=seen)
+    scored = int(metrics["documents/evaluated"])
+    table = Table(title=f"{model} on {manifest} ({len(predictor.models)} model(s), {scored} document(s))",
+                  title_justify="left")
     for column in ("task", "labelled", "AUC", "balanced accuracy", "macro F1"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for task in predictor.label_maps.tasks:
         table.add_row(task, f"{metrics[f'{task}/labelled']:.0f}", *(f"{metrics[f'{task}/{m}']:.3f}" for m in
                                                                    ("auc", "balanced_accuracy", "macro_f1")))
     console.print(table)
+    seen_count = metrics.get("documents/seen_in_training")
+    if seen_count is None:
+        console.print("[yellow]the model's checkpoints do not record their training documents (written before "
+                      "they could): whether these documents are held-out is not known[/yellow]")
+    elif seen_count and seen == "report":
+        console.print(f"[yellow]warning: {seen_count:.0f} of {scored} documents were in the model's training or "
+                      "validation splits, so these figures are not held-out (--seen exclude scores only the "
+                      "others)[/yellow]")
+    elif seen_count:
+        console.print(f"{seen_count:.0f} document(s) the model trained or chose its epoch on were left out")
     if output:
         atomic_write_json(output, metrics)
         console.print(f"metrics written to {output}")
@@ -611,10 +629,11 @@ def promote(
     """Compare the `challenger` with the `champion` on held-out documents; move `champion` when
     the challenger is better (or with --force). The decision goes into the version's tags."""
     from hilbert.held_out import held_out_metric, held_out_scorer
+    from hilbert.predict import SeenDocumentsError
     from hilbert.tracking.registry import RegistryError, promote as promote_model
 
     corpus = _exit_on_bad_manifest(manifest)
-    with _refusing(RegistryError):
+    with _refusing(RegistryError, SeenDocumentsError):
         decision = promote_model(model_name, held_out_scorer(corpus, cache, address), force,
                                  tracking_uri=_tracking_uri(tracking_uri), metric=held_out_metric(manifest))
     print_promotion(decision)

@@ -175,4 +175,4 @@ def _predict_and_score(model: str, tracking_uri: str, held_out: Manifest, cache_
     with tempfile.TemporaryDirectory(prefix="hilbert-model-") as folder:
         predictor = load_predictor(resolve_model(model, folder, tracking_uri=tracking_uri))
         write_predictions(predictor, held_out, cache_dir, predictions_path, address=address)
-        return predictor.label_maps, evaluate_corpus(predictor, held_out, cache_dir, address=address)
+        return predictor.label_maps, evaluate_corpus(predictor, held_out, cache_dir, address=address, seen="refuse")

@@ -38,7 +38,9 @@ def held_out_scorer(corpus: Manifest, cache: str | Path, address: str | None = N
 
     def score(folder: Path) -> float:
         predictor = load_predictor(folder)
-        return mean_auc(evaluate_corpus(predictor, corpus, cache, address=address), predictor.label_maps.tasks)
+        # A challenger trained on a held-out document would be promoted on a score it has seen.
+        return mean_auc(evaluate_corpus(predictor, corpus, cache, address=address, seen="refuse"),
+                        predictor.label_maps.tasks)
 
     return score
 

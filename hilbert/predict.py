@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -171,11 +171,51 @@ def predict_probabilities(predictor: Predictor, manifest: Manifest, cache_dir: s
     return dataset, _mean_probabilities(predictor, outputs)
 
 
+SeenPolicy = Literal["report", "exclude", "refuse"]
+
+
+class SeenDocumentsError(ValueError):
+    """Documents to score that the model trained on or chose its epoch on."""
+
+
+def seen_in_training(predictor: Predictor, feature_set: FeatureSet, doc_ids: list[str]) -> list[str] | None:
+    """Those of ``doc_ids`` (documents of ``feature_set``) that a model of ``predictor`` trained
+    or chose its epoch on, matched by content (:meth:`FeatureSet.document_identity`), not by
+    doc_id; None when a checkpoint does not record its documents (written before it could)."""
+    recorded = [info.seen_documents for _, info in predictor.models]
+    if any(identities is None for identities in recorded):
+        return None
+    seen = set().union(*recorded)
+    return [doc_id for doc_id in doc_ids if feature_set.document_identity(doc_id) in seen]
+
+
 def evaluate_corpus(predictor: Predictor, manifest: Manifest, cache_dir: str | Path, *,
-                    address: str | None = None) -> dict[str, float]:
-    """Metrics of the model on a labelled corpus (unknown classes are refused, nulls ignored)."""
-    dataset, outputs = _predict_with_every_model(predictor, manifest, cache_dir, address=address, with_labels=True)
-    metrics: dict[str, float] = {}
+                    address: str | None = None, seen: SeenPolicy = "report") -> dict[str, float]:
+    """Metrics of the model on a labelled corpus (unknown classes are refused, nulls ignored).
+
+    Documents a fold model trained on or chose its epoch on make a score that is not held-out;
+    ``seen`` says what to do with them: ``report`` scores every document and counts them in
+    ``documents/seen_in_training``, ``exclude`` scores only the others, ``refuse`` raises
+    :class:`SeenDocumentsError` naming them. ``documents/evaluated``: the documents scored.
+    """
+    feature_set = features_for(predictor, manifest, cache_dir, address=address)
+    seen_ids = seen_in_training(predictor, feature_set, [doc.doc_id for doc in manifest])
+    if seen_ids and seen == "refuse":
+        shown = ", ".join(repr(doc_id) for doc_id in seen_ids[:5]) + (", ..." if len(seen_ids) > 5 else "")
+        raise SeenDocumentsError(f"{len(seen_ids)} of {len(manifest)} documents of {manifest.path} were in the "
+                                 f"training or validation split of the model at {predictor.source} ({shown}): "
+                                 "scores on them are not held-out")
+    if seen_ids and seen == "exclude":
+        excluded = set(seen_ids)
+        manifest = Manifest(manifest.path, [doc for doc in manifest if doc.doc_id not in excluded])
+        if not manifest.documents:
+            raise SeenDocumentsError(f"every document of {manifest.path} was in the training or validation split "
+                                     f"of the model at {predictor.source}: none is left to score")
+    dataset = _dataset(predictor, manifest, cache_dir, feature_set, with_labels=True)
+    outputs = every_model_outputs(predictor, dataset)
+    metrics: dict[str, float] = {"documents/evaluated": float(len(dataset))}
+    if seen_ids is not None:
+        metrics["documents/seen_in_training"] = float(len(seen_ids))
     for task, task_probabilities in _mean_probabilities(predictor, outputs).items():
         labels = np.array([row[task] for row in dataset.labels])
         metrics[f"{task}/labelled"] = float((labels >= 0).sum())

@@ -92,6 +92,13 @@ def test_evaluate_predict_and_embed_use_the_trained_models(trained):
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads((root / "eval.json").read_text())
     assert metrics["topic/auc"] > 0.6  # seen documents: a sanity check, not a result
+    # Every document was in some fold's training or validation split, and the command says so.
+    assert metrics["documents/seen_in_training"] == metrics["documents/evaluated"] == 120
+    assert "not held-out" in " ".join(evaluated.output.split())
+    refused = runner.invoke(app, ["evaluate", str(root / "run" / "hilbert"), str(manifest), *cache, "--seen", "refuse"])
+    assert refused.exit_code == 2 and "120 of 120 documents" in " ".join(refused.output.split())
+    assert runner.invoke(app, ["evaluate", str(root / "run" / "hilbert"), str(manifest), *cache,
+                               "--seen", "ignore"]).exit_code == 2
 
     predicted = runner.invoke(app, ["predict", str(root / "run" / "hilbert"), str(manifest), str(root / "p.parquet"), *cache])
     assert predicted.exit_code == 0, predicted.output

@@ -123,3 +123,71 @@ def test_the_baseline_is_fit_on_development_documents_only(corpus, baseline):
     assert flipped["stance/auc"] == pytest.approx(1.0 - baseline["stance/auc"])
     for task in ("arousal", "topic"):
         assert flipped[f"{task}/auc"] == pytest.approx(baseline[f"{task}/auc"])
+
+
+def trained_fold_models(corpus: SplitCorpus, folder: Path) -> Path:
+    """``folder/fold_<i>``: fold models trained for one epoch by the training loop on the
+    development documents, with the record of the documents each saw."""
+    import shutil
+
+    from hilbert.config import to_dict
+    from hilbert.train.config import TrainConfig
+    from hilbert.train.loop import WorkerContext, train_folds
+    from test_training import Recorder, simple_folds
+
+    label_maps = LabelMaps.from_manifest(corpus.development)
+    config = TrainConfig(model={"d_model": 8, "d_embed": 8, "n_heads": 2, "pooling_heads": 2, "n_experts": 2,
+                                "expert_hidden": 8, "n_cross_layers": 1, "dropout": 0.0})
+    config.optimization.epochs, config.optimization.batch_size, config.optimization.early_stopping = 1, 8, False
+    development = [doc.doc_id for doc in corpus.development]
+    plan = {"config": to_dict(config), "variant": "hilbert", "cache_dir": str(corpus.cache),
+            "feature_set": to_dict(corpus.feature_set), "label_maps": label_maps.to_json(),
+            "labels": {doc.doc_id: label_maps.encode(doc) for doc in corpus.development},
+            "folds": simple_folds(development, 2)}
+    recorder = Recorder(folder / "reports")
+    train_folds(plan, WorkerContext(report=recorder))
+    for fold in (0, 1):
+        shutil.copytree(recorder.checkpoints[-1] / f"fold_{fold}", folder / "model" / f"fold_{fold}")
+    return folder / "model"
+
+
+def test_documents_the_model_trained_on_are_caught_by_content_and_reported_excluded_or_refused(corpus, tmp_path):
+    """A development document renamed into the held-out corpus is still the document the fold
+    models saw: `report` counts it, `exclude` scores the held-out documents alone (the same
+    figures as without it), `refuse` names it, and so does the held-out scorer promotion uses."""
+    from hilbert.predict import SeenDocumentsError
+
+    folder = trained_fold_models(corpus, tmp_path)
+    leaked = dataclasses.replace(corpus.development.documents[0], doc_id="renamed-development-document")
+    mixed = Manifest(corpus.held_out.path, [*corpus.held_out.documents, leaked])
+    predictor = load_predictor(folder)
+
+    clean = evaluate_corpus(predictor, corpus.held_out, corpus.cache, seen="refuse")
+    assert clean["documents/seen_in_training"] == 0 and clean["documents/evaluated"] == len(corpus.held_out)
+
+    reported = evaluate_corpus(predictor, mixed, corpus.cache)
+    assert reported["documents/seen_in_training"] == 1 and reported["documents/evaluated"] == len(mixed)
+
+    excluded = evaluate_corpus(predictor, mixed, corpus.cache, seen="exclude")
+    assert excluded["documents/seen_in_training"] == 1 and excluded["documents/evaluated"] == len(corpus.held_out)
+    for key, value in clean.items():
+        if key != "documents/seen_in_training":
+            assert excluded[key] == pytest.approx(value, nan_ok=True), key
+
+    with pytest.raises(SeenDocumentsError, match="1 of 13 documents.*'renamed-development-document'"):
+        evaluate_corpus(predictor, mixed, corpus.cache, seen="refuse")
+    with pytest.raises(SeenDocumentsError, match="renamed-development-document"):
+        held_out_scorer(mixed, corpus.cache)(folder)
+    assert held_out_scorer(corpus.held_out, corpus.cache)(folder) == pytest.approx(
+        mean_auc(clean, LabelMaps.from_manifest(corpus.development).tasks))
+
+    # Every development document was in a fold's training or validation split.
+    everything = Manifest(corpus.held_out.path, corpus.development.documents)
+    with pytest.raises(SeenDocumentsError, match="none is left to score"):
+        evaluate_corpus(predictor, everything, corpus.cache, seen="exclude")
+
+
+def test_checkpoints_that_do_not_record_their_documents_are_scored_without_a_seen_count(corpus, tmp_path):
+    folder = fold_models(tmp_path / "model", LabelMaps.from_manifest(corpus.development), corpus.feature_set)
+    metrics = evaluate_corpus(load_predictor(folder), corpus.held_out, corpus.cache, seen="refuse")
+    assert "documents/seen_in_training" not in metrics and metrics["documents/evaluated"] == len(corpus.held_out)

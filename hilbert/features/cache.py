@@ -213,6 +213,14 @@ class FeatureSet:
     def id(self) -> str:
         return self.set_id(self.manifest_sha256, self.audio_encoder, self.text_encoder)
 
+    def document_identity(self, doc_id: str) -> str:
+        """What a document is under these encoders, whatever its ``doc_id``: its audio and text
+        entry keys (audio bytes, segment spans, transcripts) hashed to 16 hex digits. A model
+        records the identities of the documents it trained on, so that scoring it on one of them
+        can be caught."""
+        entry = self.documents[doc_id]
+        return hashlib.sha256(f"{entry['audio']}:{entry['text']}".encode("ascii")).hexdigest()[:16]
+
 
 class FeatureCache:
     """The feature store rooted at ``root`` (created on first write): a folder, or a URI.

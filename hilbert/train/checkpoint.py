@@ -47,11 +47,15 @@ class CheckpointInfo:
     training: dict[str, Any] = field(default_factory=dict)
     epoch: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # FeatureSet.document_identity of every document the model trained or chose its epoch on
+    # (its fold's train and validation documents); None: not recorded (older checkpoints).
+    seen_documents: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "hilbert_version": __version__, "model": to_dict(self.model),
-                "label_maps": self.label_maps.to_json(), "features": self.features,
-                "training": self.training, "epoch": self.epoch, "metrics": self.metrics}
+        written = {"format": FORMAT, "hilbert_version": __version__, "model": to_dict(self.model),
+                   "label_maps": self.label_maps.to_json(), "features": self.features,
+                   "training": self.training, "epoch": self.epoch, "metrics": self.metrics}
+        return written if self.seen_documents is None else {**written, "seen_documents": self.seen_documents}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "CheckpointInfo":
@@ -61,7 +65,7 @@ class CheckpointInfo:
         return cls(model=from_dict(HilbertModelConfig, {**OLDER_CONFIG_VALUES, **data["model"]}, "model"),
                    label_maps=LabelMaps.from_json(data["label_maps"]), features=data.get("features", {}),
                    training=data.get("training", {}), epoch=int(data.get("epoch", 0)),
-                   metrics=data.get("metrics", {}))
+                   metrics=data.get("metrics", {}), seen_documents=data.get("seen_documents"))
 
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, info: CheckpointInfo,

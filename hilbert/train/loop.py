@@ -115,6 +115,7 @@ class FoldRun:
     test_metrics: dict[str, float] = field(default_factory=dict)  # the kept model on the test documents
     last_train: dict[str, float] = field(default_factory=dict)
     last_validation: dict[str, float] = field(default_factory=dict)
+    seen_documents: list[str] = field(default_factory=list)  # identities of the train + validation documents
 
     @property
     def temperature(self) -> float:
@@ -225,7 +226,9 @@ def _build_fold(plan: Plan, cache: FeatureCache, fold: int, context: WorkerConte
     warmup = config.optimization.warmup_epochs * steps_per_epoch
     total = config.optimization.epochs * steps_per_epoch
     scheduler = warmup_cosine_schedule(optimizer, warmup, total)
-    return FoldRun(fold, model, loss, optimizer, scheduler, loader, validation, test)
+    seen = sorted({plan.feature_set.document_identity(doc_id) for part in ("train", "validation")
+                   for doc_id in plan.fold(fold)[part]})
+    return FoldRun(fold, model, loss, optimizer, scheduler, loader, validation, test, seen_documents=seen)
 
 
 def parameter_groups(model: nn.Module, loss: nn.Module, optimization: OptimizationConfig) -> list[dict]:
@@ -397,7 +400,7 @@ def _write_checkpoint(runs: list[FoldRun], plan: Plan, epoch: int, context: Work
         info = CheckpointInfo(model=run.core.config, label_maps=plan.label_maps,
                               features=feature_description(plan.feature_set, plan.timing),
                               training={**to_dict(plan.config), "variant": plan.variant, "fold": run.fold},
-                              epoch=epoch, metrics=run.best_metrics)
+                              epoch=epoch, metrics=run.best_metrics, seen_documents=run.seen_documents)
         # "objective": the loss's learnable state (its temperature), under the key checkpoints have always used.
         extra = {"scheduler": run.scheduler.state_dict(), "objective": _loss_state(run.loss)}
         save_checkpoint(folder / f"fold_{run.fold}", run.core, info, run.optimizer, extra)
