@@ -56,6 +56,12 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def held_out_corpus(tmp_path_factory) -> Path:
+    """Other recordings of the same tasks, which no sweep trains on: what promotion is scored on."""
+    return write_demo_corpus(tmp_path_factory.mktemp("held-out-corpus"), n_documents=DOCUMENTS, seed=5)
+
+
+@pytest.fixture(scope="module")
 def shared_cache(corpus: Path, tmp_path_factory) -> Path:
     """A feature cache the sweeps share, filled once in this process (Ray Data's extraction has
     its own tests): every sweep below, in this process or a new one, finds its features cached."""
@@ -150,6 +156,7 @@ def assert_challenger_is(client: MlflowClient, model_name: str, run) -> str:
 
 
 def test_sweep_tracks_every_trial_registers_the_best_and_predicts_from_its_alias(local_ray, corpus: Path,
+                                                                                  held_out_corpus: Path,
                                                                                   shared_cache: Path, tmp_path: Path):
     sweep_file = write_sweep(
         tmp_path, corpus, name="full", trials=3, cache=shared_cache,
@@ -222,12 +229,17 @@ def test_sweep_tracks_every_trial_registers_the_best_and_predicts_from_its_alias
         assert sorted(c.split("/")[-1] for c in columns) == sorted(task.classes)
         np.testing.assert_allclose(table[columns].sum(axis=1), 1.0, rtol=1e-5)
 
-    # Promotion from the command line (in this process: the new-process path is predict's, above):
-    # no champion yet, so the challenger becomes it, with the held-out score and what it
-    # measures recorded on the version.
+    # Promotion from the command line (in this process: the new-process path is predict's, above).
+    # Scored on the documents the trials trained on, it is refused and moves no alias ...
     runner = CliRunner()
     done = runner.invoke(app, ["promote", result.model_name, "--manifest", str(corpus), "--cache", str(shared_cache),
                                "--tracking-uri", uri])
+    assert done.exit_code == 2 and "not held-out" in " ".join(done.output.split()), done.output
+    assert "champion" not in client.get_registered_model(result.model_name).aliases
+    # ... on held-out documents, with no champion yet, the challenger becomes it, with the
+    # held-out score and what it measures recorded on the version.
+    done = runner.invoke(app, ["promote", result.model_name, "--manifest", str(held_out_corpus),
+                               "--cache", str(shared_cache), "--tracking-uri", uri])
     assert done.exit_code == 0 and "promoted" in done.output, done.output
     assert str(client.get_model_version_by_alias(result.model_name, "champion").version) == version
     tags = client.get_model_version(result.model_name, version).tags
