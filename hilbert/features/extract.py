@@ -36,6 +36,7 @@ from hilbert.features.cache import (
     TIMING,
     FeatureCache,
     FeatureSet,
+    FeatureValueError,
     audio_entry_key,
     file_sha256,
     text_entry_key,
@@ -72,12 +73,23 @@ def encode_document_audio(encoder: AudioEncoder, audio_path: str | Path,
     except Exception as error:
         raise ExtractionError(f"doc_id {doc_id!r}, field 'audio': {error}") from error
     pieces = [slice_seconds(waveform, encoder.sample_rate, start, end) for start, end in spans]
-    return encoder.encode(pieces)
+    for index, piece in enumerate(pieces):
+        if not np.isfinite(piece).all():
+            start, end = spans[index]
+            raise ExtractionError(f"doc_id {doc_id!r}, field 'audio': NaN or infinite samples in "
+                                  f"segments[{index}] ({start:g}-{end:g} s)")
+    try:
+        return encoder.encode(pieces)
+    except Exception as error:  # the encoder knows the segment's index, not the document
+        raise ExtractionError(f"doc_id {doc_id!r}, field 'audio', encoder {encoder.spec!r}: {error}") from error
 
 
 def encode_document_text(encoder: TextEncoder, texts: list[str], doc_id: str) -> np.ndarray:
     """Text features [segments, dim] of one document."""
-    return encoder.encode(texts)
+    try:
+        return encoder.encode(texts)
+    except Exception as error:
+        raise ExtractionError(f"doc_id {doc_id!r}, field 'segments' text, encoder {encoder.spec!r}: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -379,22 +391,55 @@ class EncodeAndStore:
         return self._text
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        doc_ids, segments, audio_seconds = [], [], []
+        """Encode and store each job's missing entries. A document whose input cannot be encoded
+        comes back with its message in ``error`` (Ray keeps only the text of an exception raised
+        in an actor, wrapped in its own) and the others go on."""
+        doc_ids, segments, audio_seconds, errors = [], [], [], []
         for payload in batch["job"]:
             job = _Job.from_json(payload)
-            # has(): another actor, or a concurrent run on a shared cache, may have finished it.
-            if job.audio_key and not self.cache.has("audio", job.audio_key):
-                encoder = self.audio_encoder()
-                features = encode_document_audio(encoder, job.audio_path, list(job.spans), job.doc_id)
-                self.cache.put("audio", job.audio_key, features, doc_id=job.doc_id, encoder=encoder.spec)
-            if job.text_key and not self.cache.has("text", job.text_key):
-                encoder = self.text_encoder()
-                features = encode_document_text(encoder, list(job.texts), job.doc_id)
-                self.cache.put("text", job.text_key, features, doc_id=job.doc_id, encoder=encoder.spec)
+            try:
+                self._encode_and_store(job)
+                errors.append("")
+            except (ExtractionError, FeatureValueError) as error:
+                errors.append(str(error))
             doc_ids.append(job.doc_id)
             segments.append(len(job.spans))
             audio_seconds.append(job.audio_seconds)
-        return {"doc_id": np.array(doc_ids), "segments": np.array(segments), "audio_seconds": np.array(audio_seconds)}
+        return {"doc_id": np.array(doc_ids), "segments": np.array(segments), "audio_seconds": np.array(audio_seconds),
+                "error": np.array(errors)}
+
+    def _encode_and_store(self, job: _Job) -> None:
+        # has(): another actor, or a concurrent run on a shared cache, may have finished it.
+        if job.audio_key and not self.cache.has("audio", job.audio_key):
+            encoder = self.audio_encoder()
+            features = encode_document_audio(encoder, job.audio_path, list(job.spans), job.doc_id)
+            self.cache.put("audio", job.audio_key, features, doc_id=job.doc_id, encoder=encoder.spec)
+        if job.text_key and not self.cache.has("text", job.text_key):
+            encoder = self.text_encoder()
+            features = encode_document_text(encoder, list(job.texts), job.doc_id)
+            self.cache.put("text", job.text_key, features, doc_id=job.doc_id, encoder=encoder.spec)
+
+
+class _Failures:
+    """The documents that could not be encoded, gathered batch by batch; raised once the others
+    are cached, so that a rerun after the fix encodes only these."""
+
+    shown = 10
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, done: dict[str, np.ndarray]) -> None:
+        self.messages.extend(str(message) for message in done["error"] if message)
+
+    def raise_any(self, specs: dict[str, str]) -> None:
+        if not self.messages:
+            return
+        more = len(self.messages) - self.shown
+        raise ExtractionError(
+            f"extraction with {specs['audio']!r} / {specs['text']!r} failed: {len(self.messages)} document(s) "
+            "could not be encoded (every other document is cached):\n"
+            + "\n".join(self.messages[:self.shown]) + (f"\n... and {more} more" if more > 0 else ""))
 
 
 def _encodes_in_process(jobs: list[_Job], address: str | None, in_process: bool | None) -> bool:
@@ -415,16 +460,18 @@ def _run_in_process(jobs: list[_Job], specs: dict[str, str], cache: FeatureCache
     threads = torch.get_num_threads()
     tracker = ExtractionProgress(jobs, log) if progress else None
     try:
-        worker = EncodeAndStore(specs, cache.location, device, max(1, int(cpus)))
+        worker, failures = EncodeAndStore(specs, cache.location, device, max(1, int(cpus))), _Failures()
         for start in range(0, len(jobs), documents_per_batch):
             done = worker({"job": np.array([job.to_json() for job in jobs[start:start + documents_per_batch]])})
             keep_alive()
+            failures.add(done)
             if tracker is not None:
                 tracker.add(len(done["doc_id"]), float(np.sum(done["audio_seconds"])))
-    except Exception as error:  # the same message as from the actors: it names the document
+    except Exception as error:
         raise ExtractionError(f"extraction with {specs['audio']!r} / {specs['text']!r} failed: {error}") from error
     finally:
         torch.set_num_threads(threads)  # the worker set its own count for this process
+    failures.raise_any(specs)
 
 
 def _run_on_ray(jobs: list[_Job], specs: dict[str, str], cache: FeatureCache, *, address: str | None,
@@ -452,12 +499,14 @@ def _run_on_ray(jobs: list[_Job], specs: dict[str, str], cache: FeatureCache, *,
         num_cpus=cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
     )
-    tracker = ExtractionProgress(jobs, log) if progress else None
+    tracker, failures = ExtractionProgress(jobs, log) if progress else None, _Failures()
     try:
         for done in encoded.iter_batches(batch_size=None):
             keep_alive()
+            failures.add(done)
             if tracker is not None:
                 tracker.add(len(done["doc_id"]), float(np.sum(done["audio_seconds"])))
-    except Exception as error:  # Ray wraps the actor's exception; keep its message, which names the doc
+    except Exception as error:  # not the input's fault (the actors return those): Ray's message, whole
         cause = error.__cause__ or error
         raise ExtractionError(f"extraction with {specs['audio']!r} / {specs['text']!r} failed: {cause}") from error
+    failures.raise_any(specs)
