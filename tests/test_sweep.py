@@ -56,12 +56,6 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def held_out_corpus(tmp_path_factory) -> Path:
-    """Other recordings of the same tasks, which no sweep trains on: what promotion is scored on."""
-    return write_demo_corpus(tmp_path_factory.mktemp("held-out-corpus"), n_documents=DOCUMENTS, seed=5)
-
-
-@pytest.fixture(scope="module")
 def shared_cache(corpus: Path, tmp_path_factory) -> Path:
     """A feature cache the sweeps share, filled once in this process (Ray Data's extraction has
     its own tests): every sweep below, in this process or a new one, finds its features cached."""
@@ -70,6 +64,15 @@ def shared_cache(corpus: Path, tmp_path_factory) -> Path:
     for text in (TEXT_256, TEXT_128):
         extract_in_process(manifest, "logmel", text, cache)
     return cache
+
+
+@pytest.fixture(scope="module")
+def held_out_corpus(shared_cache: Path, tmp_path_factory) -> Path:
+    """Other recordings of the same tasks, which no sweep trains on: what promotion is scored on
+    (its features in the shared cache, as for the corpus)."""
+    held_out = write_demo_corpus(tmp_path_factory.mktemp("held-out-corpus"), n_documents=DOCUMENTS, seed=5)
+    extract_in_process(load_manifest(held_out), "logmel", TEXT_256, shared_cache)
+    return held_out
 
 
 def write_sweep(root: Path, manifest: Path, *, name: str, trials: int, search: dict[str, Any],
