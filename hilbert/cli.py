@@ -302,7 +302,7 @@ def print_cross_validation(result) -> None:
             continue
         fold_table = result.fold_table(method)
         cells = [fold_table.mean.get(f"test/{name}", float("nan")) for name in DIAGNOSTICS]
-        table.add_row(METHOD_NAMES.get(method, method), *("-" if math.isnan(c) else f"{c:.3f}" for c in cells))
+        table.add_row(METHOD_NAMES.get(method, method), *(_number(c, 3) for c in cells))
     console.print(table)
 
 
@@ -417,9 +417,16 @@ def evaluate(
     for column in ("task", "labelled", "AUC", "balanced accuracy", "macro F1"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for task in predictor.label_maps.tasks:
-        table.add_row(task, f"{metrics[f'{task}/labelled']:.0f}", *(f"{metrics[f'{task}/{m}']:.3f}" for m in
+        table.add_row(task, f"{metrics[f'{task}/labelled']:.0f}", *(_number(metrics[f"{task}/{m}"], 3) for m in
                                                                    ("auc", "balanced_accuracy", "macro_f1")))
     console.print(table)
+    if any(math.isnan(metrics[f"{task}/auc"]) for task in predictor.label_maps.tasks):
+        console.print("-: not defined here (AUC needs labelled documents of two classes or more; balanced "
+                      "accuracy and F1 need one labelled document)")
+    unscored = sorted({task for doc in corpus for task in doc.labels} - set(predictor.label_maps.tasks))
+    if unscored:
+        console.print(f"[yellow]not scored: task(s) {', '.join(map(repr, unscored))} of the corpus, which the "
+                      f"model does not predict (it predicts {', '.join(predictor.label_maps.tasks)})[/yellow]")
     seen_count = metrics.get("documents/seen_in_training")
     if seen_count is None:
         console.print("[yellow]the model's checkpoints do not record their training documents (written before "
@@ -574,8 +581,8 @@ def print_leaderboard(rows: list[dict], title: str, limit: int = 20) -> None:
     console.print(table)
 
 
-def _number(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.4f}"
+def _number(value: float, digits: int = 4) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def _param(text: str) -> str:

@@ -7,6 +7,7 @@ which every metric ignores.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
@@ -34,7 +35,9 @@ def balanced_accuracy(labels: np.ndarray, probabilities: np.ndarray) -> float:
     labels, probabilities = _labelled(labels, probabilities)
     if labels.size == 0:
         return math.nan
-    return float(balanced_accuracy_score(labels, probabilities.argmax(axis=1)))
+    with warnings.catch_warnings():  # a prediction of a class absent from labels is a wrong one, nothing more
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(labels, probabilities.argmax(axis=1)))
 
 
 def macro_f1(labels: np.ndarray, probabilities: np.ndarray) -> float:

@@ -131,3 +131,24 @@ def test_evaluate_refuses_an_unknown_class_naming_document_and_field(trained):
     assert result.exit_code == 2
     assert f"doc_id {record['doc_id']!r}" in result.output and "labels.topic" in result.output
     assert "astrology" in result.output
+
+
+def test_evaluate_marks_undefined_scores_and_names_tasks_it_cannot_score(trained):
+    """One class left in a task (AUC undefined) and a task the model never learnt: the table says
+    so instead of printing nan, and the extra task is named, not silently dropped."""
+    root, manifest, _ = trained
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    voice = next(r["labels"]["voice"] for r in records if r["labels"].get("voice"))
+    for record in records:
+        record["labels"] = {**record["labels"], "voice": voice, "mood": "calm"}
+    changed = root / "corpus" / "one-voice.jsonl"
+    changed.write_text("".join(json.dumps(record) + "\n" for record in records))
+    result = CliRunner().invoke(app, ["evaluate", str(root / "run" / "hilbert"), str(changed),
+                                      "--cache", str(root / "cache"), "--output", str(root / "one-voice.json")],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    voice_row = next(line for line in result.output.splitlines() if line.strip("│ ").startswith("voice"))
+    assert "nan" not in result.output and voice_row.split("│")[3].strip() == "-", result.output
+    assert "AUC needs labelled documents of two classes" in result.output
+    assert "not scored: task(s) 'mood'" in " ".join(result.output.split())
+    assert json.loads((root / "one-voice.json").read_text())["voice/auc"] is None  # JSON has no NaN
