@@ -53,6 +53,9 @@ def _in_process_group(rank: int, check, port: int, *args):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         check(rank, *args)
+        # No rank tears its gloo pairs down while the other still has collectives in flight on
+        # them (on a loaded machine that aborted the slower process with "terminate called").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

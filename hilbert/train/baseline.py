@@ -19,10 +19,11 @@ import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from hilbert.features.batches import LabelMaps, document_inputs
@@ -47,6 +48,23 @@ def mean_pooled_features(cache: FeatureCache, feature_set: FeatureSet, doc_ids: 
     return np.stack(rows)
 
 
+def logistic_regression(regularisation: float, rows: int, columns: int) -> Pipeline:
+    """Standardise, then L2-regularised multinomial logistic regression with balanced class
+    weights; with fewer ``rows`` (documents) than ``columns`` (features), the standardised rows
+    are first rotated onto their own principal axes.
+
+    The rotation (PCA keeping every component, no whitening) changes nothing in the fitted
+    model: with an L2 penalty the optimal weights lie in the span of the (standardised, centred)
+    training rows (representer theorem), so fitting ``beta`` on ``Z = X V`` and predicting with
+    ``X V beta`` reaches the same optimum and the same probabilities as fitting ``W = V beta`` on
+    ``X``. What it changes is the size of the problem: with fewer documents than feature columns
+    (a few hundred documents against 4,096 hashed n-grams or a 4,096-wide T5) the solver works on
+    ``documents x classes`` parameters instead of ``columns x classes``, about 10x faster here.
+    """
+    steps = [StandardScaler(), PCA(svd_solver="full")] if rows < columns else [StandardScaler()]
+    return make_pipeline(*steps, LogisticRegression(C=regularisation, class_weight="balanced", max_iter=2000))
+
+
 def _fit_predict(features: np.ndarray, labels: np.ndarray, fit: np.ndarray, score: np.ndarray, n_classes: int,
                  regularisation: float) -> np.ndarray:
     """[score rows, classes] probabilities of a model fit on the labelled ``fit`` rows (uniform when
@@ -56,8 +74,7 @@ def _fit_predict(features: np.ndarray, labels: np.ndarray, fit: np.ndarray, scor
     present = np.unique(labels[fit])
     if present.size < 2:
         return probabilities
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=regularisation, class_weight="balanced",
-                                                               max_iter=2000))
+    model = logistic_regression(regularisation, int(fit.sum()), features.shape[1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(features[fit], labels[fit])
