@@ -543,3 +543,16 @@ def test_text_fingerprint_follows_weights_and_layer(checkpoints, bert):
 def test_text_options_do_not_include_audio_ones(checkpoints):
     with pytest.raises(EncoderSpecError, match="unknown option 'chunk_seconds'"):
         build_text_encoder(f"hf:{checkpoints['bert']}?chunk_seconds=5", device="cpu")
+
+
+@pytest.mark.parametrize("name", ["hubert", "whisper"])
+def test_speech_precision_bfloat16_agrees_with_float32_and_float16_needs_cuda(checkpoints, speech_encoders, name):
+    coarse = build_audio_encoder(f"hf:{checkpoints[name]}?precision=bfloat16", device="cpu")
+    assert coarse.fingerprint() == speech_encoders[name].fingerprint()
+    segments = [tone(200, 0.7), noise(1.3)]
+    expected, got = speech_encoders[name].encode(segments), coarse.encode(segments)
+    assert np.isfinite(got).all() and not np.array_equal(got, expected)
+    cosine = (got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+    assert cosine.min() > 0.99, cosine
+    with pytest.raises(EncoderSpecError, match="precision=float16 needs a CUDA device"):
+        build_audio_encoder(f"hf:{checkpoints[name]}?precision=float16", device="cpu")

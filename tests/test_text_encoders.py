@@ -326,3 +326,26 @@ def test_a_checkpoint_lacking_weights_its_hidden_states_need_is_refused_naming_t
     with pytest.raises(EncoderSpecError, match=r"lacks 1 and has 0 mis-shaped weight\(s\).*layer\.1\.attention\.self"
                                                r"\.query\.weight.*random features"):
         build_text_encoder(f"hf:{folder}", device="cpu")
+
+
+def test_precision_bfloat16_agrees_with_float32_and_keeps_the_cache_key(folders):
+    exact = build_text_encoder(f"hf:{folders['roberta']}", device="cpu")
+    assert exact.precision == "auto"
+    coarse = build_text_encoder(f"hf:{folders['roberta']}?precision=bfloat16", device="cpu")
+    assert coarse.fingerprint() == exact.fingerprint()  # float kinds share features across devices
+    expected, got = exact.encode(TEXTS), coarse.encode(TEXTS)
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    assert not np.array_equal(got, expected)  # the autocast did run in bfloat16
+    cosine = (got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+    assert cosine.min() > 0.99, cosine
+
+
+@pytest.mark.parametrize("spec, named", [("roberta?precision=float16", "needs a CUDA device"),
+                                         ("roberta?precision=half", "expected one of auto, float32"),
+                                         ("t5?precision=float16", "overflows T5")])
+def test_a_precision_the_device_or_model_cannot_run_is_a_spec_error(folders, spec, named):
+    family, options = spec.split("?")
+    device = "cuda" if family == "t5" else "cpu"  # T5 is refused before anything runs on the device
+    with pytest.raises(EncoderSpecError, match=named) as refused:
+        build_text_encoder(f"hf:{folders[family]}?{options}", device=device)
+    assert str(folders[family]) in str(refused.value)

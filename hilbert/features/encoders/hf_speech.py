@@ -39,7 +39,7 @@ from hilbert.features.encoders.pooling import (
     select_layer,
     wants_hidden_states,
 )
-from hilbert.features.encoders.precision import autocast_on
+from hilbert.features.encoders.precision import autocast_on, checked_precision, precision_choice
 from hilbert.features.encoders.spec import (
     EncoderSpec,
     EncoderSpecError,
@@ -57,6 +57,7 @@ SPEECH_OPTIONS = {
     "layer": Option(layer_choice, "last"),
     "chunk_seconds": Option(positive_seconds, None),  # None: 20 s, or Whisper's whole window
     "batch_size": Option(positive_integer, 8),
+    "precision": Option(precision_choice, "auto"),  # auto: float16 autocast on CUDA, float32 on CPU
     "revision": Option(plain_text, None),
 }
 
@@ -171,15 +172,16 @@ class ChunkedSpeechEncoder(AudioEncoder):
 
 
 class TransformersSpeechEncoder(ChunkedSpeechEncoder):
-    """A frozen transformers model on a torch device (float16 autocast on CUDA)."""
+    """A frozen transformers model on a torch device (by default float16 autocast on CUDA)."""
 
     def __init__(self, spec: EncoderSpec, settings: SpeechSettings, model: torch.nn.Module, feature_extractor: Any,
-                 batch_size: int, device: str):
+                 batch_size: int, device: str, precision: str = "auto"):
         super().__init__(spec, settings.dim * settings.layers, settings.sample_rate, settings.chunk_seconds, batch_size)
         self.settings = settings
         self.layers = settings.layers
         self.layer = settings.layer
         self.device = device
+        self.precision = precision
         self.feature_extractor = feature_extractor
         self.model = model.to(device).eval().requires_grad_(False)
 
@@ -188,10 +190,11 @@ class TransformersSpeechEncoder(ChunkedSpeechEncoder):
              device: str) -> "TransformersSpeechEncoder":
         from transformers import AutoFeatureExtractor, AutoModel
 
+        precision = checked_precision(spec, options["precision"], device)
         feature_extractor = checkpoint.load(spec, AutoFeatureExtractor, "feature extractor")
         settings = SpeechSettings.read(spec, options, checkpoint, config, feature_extractor)
         model = checkpoint.load_weights(spec, AutoModel, dtype=torch.float32)
-        return cls(spec, settings, cls.frozen_part(model), feature_extractor, options["batch_size"], device)
+        return cls(spec, settings, cls.frozen_part(model), feature_extractor, options["batch_size"], device, precision)
 
     @staticmethod
     def frozen_part(model: torch.nn.Module) -> torch.nn.Module:
@@ -202,7 +205,9 @@ class TransformersSpeechEncoder(ChunkedSpeechEncoder):
         return self.settings.fingerprint()
 
     def encode(self, waveforms: Sequence[np.ndarray]) -> np.ndarray:
-        with torch.inference_mode(), autocast_on(self.device):
+        # The autocast is around the model's forward alone (in _frame_sums): feature extractors
+        # compute their spectrograms with torch, which under a CPU autocast would run in bfloat16.
+        with torch.inference_mode():
             return super().encode(waveforms)
 
 
@@ -244,7 +249,8 @@ class Wav2Vec2FamilyEncoder(TransformersSpeechEncoder):
         inputs = {"input_values": features["input_values"].to(self.device)}
         if self._uses_attention_mask:
             inputs["attention_mask"] = features["attention_mask"].to(self.device)
-        outputs = self.model(**inputs, output_hidden_states=wants_hidden_states(self.layer))
+        with autocast_on(self.device, self.precision):
+            outputs = self.model(**inputs, output_hidden_states=wants_hidden_states(self.layer))
         frames = select_layer(outputs, self.layer)
         valid = self._output_lengths(torch.tensor([len(chunk) for chunk in chunks])).to(self.device)
         return masked_sums(frames, length_mask(valid, frames.shape[1]))
@@ -300,7 +306,8 @@ class WhisperAudioEncoder(WhisperWindow, TransformersSpeechEncoder):
 
     def _frame_sums(self, chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         features, valid = self._window_features(chunks)
-        outputs = self.model(features.to(self.device), output_hidden_states=wants_hidden_states(self.layer))
+        with autocast_on(self.device, self.precision):
+            outputs = self.model(features.to(self.device), output_hidden_states=wants_hidden_states(self.layer))
         frames = select_layer(outputs, self.layer)
         return masked_sums(frames, length_mask(valid.to(self.device), frames.shape[1]))
 

@@ -51,7 +51,7 @@ from hilbert.features.encoders.pooling import (
     select_layer,
     wants_hidden_states,
 )
-from hilbert.features.encoders.precision import autocast_on
+from hilbert.features.encoders.precision import autocast_on, checked_precision, precision_choice
 from hilbert.features.encoders.sentence_transformers import SentenceRecipe
 from hilbert.features.encoders.spec import (
     EncoderSpec,
@@ -65,6 +65,7 @@ from hilbert.features.encoders.spec import (
 TEXT_OPTIONS = {
     "layer": Option(layer_choice, "last"),
     "batch_size": Option(positive_integer, 32),
+    "precision": Option(precision_choice, "auto"),  # auto: float16 autocast on CUDA (T5: bfloat16), float32 on CPU
     "revision": Option(plain_text, None),
 }
 
@@ -112,7 +113,7 @@ class TransformerTextEncoder(TextEncoder):
     """Pooled hidden states of a frozen transformer text encoder, long texts in windows."""
 
     def __init__(self, spec: EncoderSpec, settings: TextSettings, model: torch.nn.Module, tokenizer: Any,
-                 batch_size: int, device: str):
+                 batch_size: int, device: str, precision: str = "auto"):
         self.spec = str(spec)
         self.settings = settings
         self.dim = settings.dim * settings.layers
@@ -121,6 +122,7 @@ class TransformerTextEncoder(TextEncoder):
         self.max_length = settings.max_length
         self.batch_size = batch_size
         self.device = device
+        self.precision = precision
         self.tokenizer = tokenizer
         self.model = model.to(device).eval().requires_grad_(False)
 
@@ -129,10 +131,14 @@ class TransformerTextEncoder(TextEncoder):
              device: str) -> "TransformerTextEncoder":
         from transformers import AutoTokenizer
 
+        precision = checked_precision(spec, options["precision"], device)
+        if precision == "float16" and config.model_type in ENCODER_ONLY_CLASSES:
+            raise EncoderSpecError(f"encoder spec {str(spec)!r}: precision=float16 overflows T5's feed-forward "
+                                   "activations (it was trained in bfloat16); use bfloat16 or float32")
         tokenizer = checkpoint.load(spec, AutoTokenizer, "tokenizer")
         settings = TextSettings.read(spec, options, checkpoint, config, tokenizer, recipe)
         model = checkpoint.load_weights(spec, encoder_class(config), dtype=torch.float32)
-        return cls(spec, settings, model, tokenizer, options["batch_size"], device)
+        return cls(spec, settings, model, tokenizer, options["batch_size"], device, precision)
 
     def fingerprint(self) -> dict:
         return self.settings.fingerprint()
@@ -190,6 +196,8 @@ class TransformerTextEncoder(TextEncoder):
         return sums.double().cpu().numpy(), counts.double().cpu().numpy()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision != "auto":
+            return autocast_on(self.device, self.precision)
         if self.settings.model_type in ENCODER_ONLY_CLASSES and self.device.startswith("cuda"):
             # T5 was trained in bfloat16 and its feed-forward activations overflow float16.
             if torch.cuda.is_bf16_supported():
